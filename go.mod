@@ -1,0 +1,3 @@
+module github.com/vscard/vscard
+
+go 1.26.8
