@@ -97,14 +97,14 @@ func OpenWith(dir string, opts OpenOptions) (*Card, error) {
 		}
 		return nil, fmt.Errorf("store: %w", err)
 	}
+	mpath := filepath.Join(dir, ManifestFile)
+	if _, err := os.Lstat(mpath); errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("store: %s is not a vscard card: it has no %s", dir, ManifestFile)
+	}
 	if err := checkPrivate(dir, true); err != nil {
 		return nil, fmt.Errorf("store: %w", err)
 	}
-	mpath := filepath.Join(dir, ManifestFile)
 	if err := checkPrivate(mpath, false); err != nil {
-		if errors.Is(err, fs.ErrNotExist) {
-			return nil, fmt.Errorf("store: %s is not a vscard card: it has no %s", dir, ManifestFile)
-		}
 		return nil, fmt.Errorf("store: %w", err)
 	}
 	b, err := readLimited(mpath, maxManifestSize)
