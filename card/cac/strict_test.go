@@ -264,4 +264,3 @@ func TestNewErrors(t *testing.T) {
 
 // signerOnly hides RawRSA.
 type signerOnly struct{ token.Key }
-
