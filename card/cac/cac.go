@@ -36,6 +36,9 @@
 //   - The 14-byte card ID in the CCC's F0 Card Identifier comes from
 //     SHA-256 of the first certificate, so OpenSC, which derives the token
 //     serial from it, never confuses two cards in its cache.
+//   - Certificates are stored zlib-compressed (CertInfo 01), as on real
+//     CAC cards, because Debian 12's CoolKey only reads compressed ones;
+//     OpenSC inflates them itself.
 //
 // In both modes trailing FF bytes of a PIN are stripped before the
 // comparison, and a token without a PIN accepts any PIN, as libcacard

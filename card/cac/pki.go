@@ -1,8 +1,11 @@
 package cac
 
 import (
+	"bytes"
+	"compress/zlib"
 	"context"
 	"errors"
+	"fmt"
 
 	"github.com/vscard/vscard/apdu"
 	"github.com/vscard/vscard/tlv"
@@ -24,17 +27,48 @@ type pkiApplet struct {
 	signLen int
 }
 
-// pkiFiles builds the certificate container (§5.3): CertInfo 00
-// (uncompressed), the DER, an empty MSCUID and an empty error detection
-// code. It is a separate function so that a client-specific layout (the
-// CoolKey investigation, peers.md appendix) can vary it by mode.
+// pkiFiles builds the certificate container (§5.3): CertInfo, the
+// certificate, an empty MSCUID and an empty error detection code.
+//
+// Strict mode stores the DER uncompressed (CertInfo 00), as libcacard does.
+// Default mode stores it zlib-compressed with CertInfo 01, as real CAC
+// cards do. Debian 12's CoolKey 1.1.0-16 needs that: for a CAC v2 card (one
+// with a CCC) it takes the tag-70 value alone and always passes it to
+// zlib's uncompress(), so an uncompressed certificate fails with "Corrupted
+// compressed CAC Cert" and no certificate is listed (peers.md appendix on
+// CoolKey; seen in its loadCACCert with a debugger). OpenSC inflates
+// CertInfo 01 itself (card-cac.c, (CertInfo & 3) == 1).
 func (c *Card) pkiFiles(der []byte) (t, v []byte, err error) {
+	info, cert := byte(0x00), der
+	if !c.strict {
+		info = 0x01
+		if cert, err = deflate(der); err != nil {
+			return nil, nil, err
+		}
+	}
 	return splitFile(
-		tlv.Simple{Tag: 0x71, Value: []byte{0x00}},
-		tlv.Simple{Tag: 0x70, Value: der},
+		tlv.Simple{Tag: 0x71, Value: []byte{info}},
+		tlv.Simple{Tag: 0x70, Value: cert},
 		tlv.Simple{Tag: 0x72},
 		tlv.Simple{Tag: 0xFE},
 	)
+}
+
+// deflate compresses a certificate into the zlib format (RFC 1950) that
+// both CoolKey's uncompress() and OpenSC's inflate accept.
+func deflate(der []byte) ([]byte, error) {
+	var b bytes.Buffer
+	w, err := zlib.NewWriterLevel(&b, zlib.BestCompression)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := w.Write(der); err != nil {
+		return nil, fmt.Errorf("cac: compress certificate: %w", err)
+	}
+	if err := w.Close(); err != nil {
+		return nil, fmt.Errorf("cac: compress certificate: %w", err)
+	}
+	return b.Bytes(), nil
 }
 
 func newPKIApplet(c *Card, n int, der []byte, modSize int, key token.RawRSA) (*pkiApplet, error) {
