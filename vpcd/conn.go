@@ -41,7 +41,7 @@ var swNoDiagnosis = []byte{0x6F, 0x00}
 // aliases the connection's receive buffer.
 func ServeConn(ctx context.Context, nc net.Conn, c card.Card, opts *Options) error {
 	o := opts.withDefaults()
-	_, err := serveConn(ctx, nc, c, &o)
+	_, err := serveConn(ctx, nc, c, &o, nil)
 	if ctx.Err() != nil {
 		return nil
 	}
@@ -50,8 +50,8 @@ func ServeConn(ctx context.Context, nc net.Conn, c card.Card, opts *Options) err
 
 // serveConn is ServeConn; served reports whether vpcd sent at least one
 // message, which Serve uses to tell a working link from one that drops at
-// once.
-func serveConn(ctx context.Context, nc net.Conn, c card.Card, o *Options) (served bool, err error) {
+// once. onFirst, if not nil, is called when the first message arrives.
+func serveConn(ctx context.Context, nc net.Conn, c card.Card, o *Options, onFirst func()) (served bool, err error) {
 	// Closing the socket is both how cancellation interrupts a blocked
 	// read and how vpcd learns that the card is gone.
 	stop := context.AfterFunc(ctx, func() { nc.Close() })
@@ -89,7 +89,12 @@ func serveConn(ctx context.Context, nc net.Conn, c card.Card, o *Options) (serve
 			}
 			return served, fmt.Errorf("vpcd: read: %w", err)
 		}
-		served = true
+		if !served {
+			served = true
+			if onFirst != nil {
+				onFirst()
+			}
+		}
 		if err := s.handle(msg); err != nil {
 			return served, err
 		}

@@ -78,6 +78,10 @@ type Options struct {
 	// Zero means 100 ms and 5 s.
 	MinBackoff, MaxBackoff time.Duration
 
+	// firstPoll overrides how long Serve waits for vpcd's first message
+	// before warning; tests shorten it.
+	firstPoll time.Duration
+
 	// noQuickAck turns the TCP_QUICKACK re-arm off, so that benchmarks can
 	// show the stall it prevents.
 	noQuickAck bool
@@ -103,6 +107,16 @@ func (o *Options) withDefaults() Options {
 	}
 	r.MaxBackoff = max(r.MaxBackoff, r.MinBackoff)
 	return r
+}
+
+// pollWait is how long a connected card may go unpolled before Serve warns.
+// pcscd polls every 400 ms (peers.md §2.2) and asks for the ATR at once on
+// connect, so 5 s of silence means vpcd is not serving this connection.
+func (o *Options) pollWait() time.Duration {
+	if o.firstPoll > 0 {
+		return o.firstPoll
+	}
+	return 5 * time.Second
 }
 
 // Serve connects to vpcd at addr (host:port, e.g. DefaultAddr) and serves c
@@ -148,9 +162,19 @@ func Serve(ctx context.Context, addr string, c card.Card, opts *Options) error {
 			continue
 		}
 
-		log.Info("card inserted in vpcd")
 		lastReason = ""
-		served, err := serveConn(ctx, nc, c, &o)
+		// The TCP connect alone does not insert the card: vpcd serves one
+		// card per slot, and a second one waits in its listen backlog
+		// unanswered. vpcd's first GetATR poll is the insertion.
+		log.Debug("connected to vpcd; waiting for its first poll")
+		slow := time.AfterFunc(o.pollWait(), func() {
+			log.Warn("connected to vpcd, but it has not polled the card; is another card in this slot?")
+		})
+		served, err := serveConn(ctx, nc, c, &o, func() {
+			slow.Stop()
+			log.Info("card inserted in vpcd")
+		})
+		slow.Stop()
 		if ctx.Err() != nil {
 			log.Info("card removed from vpcd")
 			return nil

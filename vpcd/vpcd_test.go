@@ -95,6 +95,9 @@ func TestControlSequence(t *testing.T) {
 // from P1 P2, so that tests can ask for any response size.
 func lenCard() *fakeCard {
 	return &fakeCard{transmit: func(_ context.Context, cmd []byte) ([]byte, error) {
+		if len(cmd) < 4 {
+			return []byte{0x67, 0x00}, nil
+		}
 		n := int(binary.BigEndian.Uint16(cmd[2:4]))
 		if cmd[1] == 0xEE {
 			// Invalid responses: 0 = empty, 1 = one byte, else 65536 bytes.
@@ -210,8 +213,10 @@ func TestBrokenPeer(t *testing.T) {
 			if got := rec.levels("vpcd connection lost; card removed"); len(got) != 1 {
 				t.Errorf("logged the lost connection %d times, want once", len(got))
 			}
-			if n := len(rec.levels("card inserted in vpcd")); n != 2 {
-				t.Errorf("logged %d insertions, want 2", n)
+			// The first connection never got a complete message, so
+			// the card was never inserted on it.
+			if n := len(rec.levels("card inserted in vpcd")); n != 1 {
+				t.Errorf("logged %d insertions, want 1", n)
 			}
 			if calls := c.Calls(); calls[0] != "off" {
 				t.Errorf("card not powered off when vpcd went away: %q", calls)
@@ -314,6 +319,33 @@ func TestWaitForVPCD(t *testing.T) {
 	}
 	if got := rec.levels("card inserted in vpcd"); !slices.Equal(got, []slog.Level{slog.LevelInfo}) {
 		t.Errorf("insertion logged at %v, want once at INFO", got)
+	}
+}
+
+// TestUnpolled connects to a vpcd that accepts but never polls, as a second
+// card in an occupied slot sees it: Serve must say so instead of claiming
+// the card is inserted.
+func TestUnpolled(t *testing.T) {
+	checkGoroutines(t)
+	v := newFakeVPCD(t)
+	rec := &logRecorder{}
+	o := fastBackoff(slog.New(rec))
+	o.firstPoll = 20 * time.Millisecond
+	stop := startServe(t, v.addr(), &fakeCard{}, o)
+	p := v.accept(false)
+	const warning = "connected to vpcd, but it has not polled the card; is another card in this slot?"
+	waitFor(t, "the warning", func() bool { return len(rec.levels(warning)) > 0 })
+	if n := len(rec.levels("card inserted in vpcd")); n != 0 {
+		t.Errorf("insertion logged %d times before any poll", n)
+	}
+	p.mustSend([]byte{ctrlATR})
+	p.mustRecv()
+	waitFor(t, "insertion", func() bool { return len(rec.levels("card inserted in vpcd")) == 1 })
+	if err := stop(); err != nil {
+		t.Fatal(err)
+	}
+	if got := rec.levels(warning); !slices.Equal(got, []slog.Level{slog.LevelWarn}) {
+		t.Errorf("warning logged at %v, want once at WARN", got)
 	}
 }
 
