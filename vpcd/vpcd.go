@@ -189,7 +189,11 @@ func Serve(ctx context.Context, addr string, c card.Card, opts *Options) error {
 			backoff = o.MinBackoff
 		}
 		wait := jitter(backoff)
-		log.Warn("vpcd connection lost; card removed", "err", err, "retry_in", wait)
+		if served {
+			log.Warn("vpcd connection lost; card removed", "err", err, "retry_in", wait)
+		} else {
+			log.Warn("vpcd dropped the connection before polling the card", "err", err, "retry_in", wait)
+		}
 		if !sleep(ctx, wait) {
 			return nil
 		}

@@ -210,7 +210,7 @@ func TestBrokenPeer(t *testing.T) {
 			if err := stop(); err != nil {
 				t.Fatal(err)
 			}
-			if got := rec.levels("vpcd connection lost; card removed"); len(got) != 1 {
+			if got := rec.levels("vpcd dropped the connection before polling the card"); len(got) != 1 {
 				t.Errorf("logged the lost connection %d times, want once", len(got))
 			}
 			// The first connection never got a complete message, so
