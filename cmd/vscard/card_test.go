@@ -30,7 +30,7 @@ const storeTestdata = "../../token/store/testdata"
 func TestCardNewShow(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "cards", "john")
 	// DIR first, flags after: how users type it.
-	code, out, errs := runCLI(t, "", "card", "new", dir, "--cn", "John Doe", "--key", "rsa1024", "--pin-tries", "4")
+	code, out, errs := runCLI(t, "", "card", "new", dir, "--cn", "John Doe", "--key", "rsa1024", "--pin-tries", "2")
 	if code != exitOK {
 		t.Fatalf("exit %d, stderr %q", code, errs)
 	}
@@ -43,7 +43,7 @@ func TestCardNewShow(t *testing.T) {
 		"CA: CN=Fake Smart Card CA",
 		filepath.Join(dir, "ca.pem"),
 		filepath.Join(dir, "ca.der"),
-		"PIN tries: 4",
+		"PIN tries: 2",
 	} {
 		if !strings.Contains(out, want) {
 			t.Errorf("output lacks %q:\n%s", want, out)
@@ -55,18 +55,17 @@ func TestCardNewShow(t *testing.T) {
 	}
 	pin := m[1]
 
-	// The printed PIN is the card's PIN.
+	// The printed PIN is the card's PIN, and another is refused.
 	c, err := store.Open(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := c.PIN().Verify([]byte("00000000")); !errors.Is(err, token.ErrPINIncorrect) {
-		t.Fatalf("wrong PIN: %v", err)
-	}
 	if _, err := c.PIN().Verify([]byte(pin)); err != nil {
 		t.Fatalf("printed PIN does not verify: %v", err)
 	}
-	c.PIN().Verify([]byte("00000000"))
+	if _, err := c.PIN().Verify([]byte("00000000")); !errors.Is(err, token.ErrPINIncorrect) {
+		t.Fatalf("wrong PIN: %v", err)
+	}
 
 	code, out, errs = runCLI(t, "", "card", "show", dir)
 	if code != exitOK {
@@ -75,7 +74,7 @@ func TestCardNewShow(t *testing.T) {
 	for _, want := range []string{
 		"Type: CAC",
 		"Name: John Doe",
-		"PIN: set, 3 of 4 tries left",
+		"PIN: set, 1 of 2 tries left",
 		"subject:  CN=John Doe (signing)",
 		"issuer:   CN=Fake Smart Card CA",
 		"usage:    digitalSignature, keyEncipherment; clientAuth, msSmartcardLogon",
@@ -93,10 +92,10 @@ func TestCardNewShow(t *testing.T) {
 	}
 
 	// Block it and show again.
-	for range 3 {
-		c.PIN().Verify([]byte("00000000"))
+	if _, err := c.PIN().Verify([]byte("00000000")); !errors.Is(err, token.ErrPINIncorrect) {
+		t.Fatalf("wrong PIN: %v", err)
 	}
-	if _, out, _ = runCLI(t, "", "card", "show", dir); !strings.Contains(out, "PIN: set, blocked (0 of 4 tries left)") {
+	if _, out, _ = runCLI(t, "", "card", "show", dir); !strings.Contains(out, "PIN: set, blocked (0 of 2 tries left)") {
 		t.Errorf("blocked card shows:\n%s", out)
 	}
 

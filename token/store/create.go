@@ -90,6 +90,11 @@ func Create(dir string, opts Options) (*Card, error) {
 	if err != nil {
 		return nil, err
 	}
+	// Fail before the slow key generation if dir is taken (writeCard
+	// checks again).
+	if err := checkNew(dir); err != nil {
+		return nil, err
+	}
 	rnd := randReader(opts.Rand)
 	pinStr := opts.PIN
 	generated := pinStr == ""

@@ -40,6 +40,11 @@ func Import(dir string, opts ImportOptions) (*Card, error) {
 	if err != nil {
 		return nil, err
 	}
+	// Fail before parsing if dir is taken (writeCard
+	// checks again).
+	if err := checkNew(dir); err != nil {
+		return nil, err
+	}
 	rnd := randReader(opts.Rand)
 	pinStr := opts.PIN
 	generated := pinStr == ""

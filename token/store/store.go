@@ -229,10 +229,8 @@ type file struct {
 // builds everything in a temporary sibling directory and renames it into
 // place, so a crash never leaves a half-written card under dir.
 func writeCard(dir string, m *manifest, files []file) error {
-	if _, err := os.Lstat(dir); err == nil {
-		return fmt.Errorf("store: card directory %s already exists; choose another DIR or remove it", dir)
-	} else if !errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("store: %w", err)
+	if err := checkNew(dir); err != nil {
+		return err
 	}
 	parent := filepath.Dir(filepath.Clean(dir))
 	// New parents are private too: ~/cards holds only cards.
@@ -277,6 +275,17 @@ func writeCard(dir string, m *manifest, files []file) error {
 	}
 	ok = true
 	if err := syncDir(parent); err != nil {
+		return fmt.Errorf("store: %w", err)
+	}
+	return nil
+}
+
+// checkNew refuses an existing dir: a card is never overwritten (its keys
+// may be enrolled somewhere), and there is no --force; remove it by hand.
+func checkNew(dir string) error {
+	if _, err := os.Lstat(dir); err == nil {
+		return fmt.Errorf("store: card directory %s already exists; choose another DIR or remove it", dir)
+	} else if !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("store: %w", err)
 	}
 	return nil
