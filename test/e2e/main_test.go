@@ -233,6 +233,21 @@ func (e *env) exec(extra []string, name string, args ...string) result {
 	return r
 }
 
+// stdout runs a command and returns its standard output alone, for binary
+// output (DER) that stderr chatter would corrupt.
+func (e *env) stdout(name string, args ...string) (stdout []byte, stderr string, err error) {
+	e.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), cmdTimeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, name, args...)
+	cmd.Env = e.environ()
+	cmd.Dir = e.dir
+	var errBuf bytes.Buffer
+	cmd.Stderr = &errBuf
+	stdout, err = cmd.Output()
+	return stdout, errBuf.String(), err
+}
+
 func (e *env) run(name string, args ...string) result {
 	e.t.Helper()
 	return e.exec(nil, name, args...)

@@ -3,6 +3,7 @@ package e2e
 import (
 	"bytes"
 	"os"
+	"regexp"
 	"strings"
 	"testing"
 )
@@ -27,6 +28,10 @@ func TestNSS(t *testing.T) {
 	mods := e.must("modutil", "-dbdir", "sql:"+db, "-list")
 	t.Logf("modutil -list:\n%s", mods)
 
+	pinFile := e.path("pin.txt")
+	if err := os.WriteFile(pinFile, []byte(testPIN+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	out := e.must("certutil", "-L", "-d", "sql:"+db, "-h", "all")
 	t.Logf("certutil -L -h all:\n%s", out)
 	for _, c := range cacLabels {
@@ -36,31 +41,32 @@ func TestNSS(t *testing.T) {
 			continue
 		}
 		// The certificate NSS sees is the one OpenSC reads from the card.
-		r := e.run("certutil", "-L", "-d", "sql:"+db, "-h", "all", "-n", nick, "-r")
-		if r.code != 0 {
-			t.Errorf("certutil -L -n %q -r:\n%s", nick, r)
+		// certutil logs in to the token to find a certificate by name, and
+		// with no terminal it can only take the PIN from a file (-f).
+		token, _, _ := strings.Cut(nick, ":")
+		der, stderr, err := e.stdout("certutil", "-L", "-d", "sql:"+db, "-h", token, "-f", pinFile, "-n", nick, "-r")
+		if err != nil {
+			t.Errorf("certutil -L -h %q -n %q -r: %v\n%s", token, nick, err, stderr)
 			continue
 		}
-		der, _ := readCert(t, e, m, c.id)
-		if !bytes.Equal([]byte(r.out), der) {
-			t.Errorf("NSS's %q (%d bytes) differs from the card's certificate %s (%d bytes)", nick, len(r.out), c.id, len(der))
+		card, _ := readCert(t, e, m, c.id)
+		if !bytes.Equal(der, card) {
+			t.Errorf("NSS's %q (%d bytes) differs from the card's certificate %s (%d bytes)", nick, len(der), c.id, len(card))
 		}
 	}
 }
 
-// nssNickname finds "TOKEN:LABEL" in `certutil -L` output, whose lines are
-// a nickname padded to a column, then trust flags.
+// certutilLineRe splits a `certutil -L` line: a nickname padded to a
+// column, then the trust flags "SSL,S/MIME,JAR/XPI" (e.g. "u,u,u").
+var certutilLineRe = regexp.MustCompile(`^(.*\S)\s+([a-zA-Z]*,[a-zA-Z]*,[a-zA-Z]*)\s*$`)
+
+// nssNickname finds the nickname "TOKEN:LABEL" in `certutil -L` output.
 func nssNickname(out, label string) string {
 	for _, line := range strings.Split(out, "\n") {
-		i := strings.Index(line, ":"+label)
-		if i < 0 {
-			continue
+		m := certutilLineRe.FindStringSubmatch(line)
+		if m != nil && strings.HasSuffix(m[1], ":"+label) {
+			return m[1]
 		}
-		rest := line[i+1+len(label):]
-		if rest != "" && rest[0] != ' ' && rest[0] != '\t' {
-			continue
-		}
-		return strings.TrimSpace(line[:i+1+len(label)])
 	}
 	return ""
 }
