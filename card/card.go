@@ -27,5 +27,9 @@ type Card interface {
 	// not an error: an error means the card can no longer answer at all
 	// (its key store vanished, ctx was cancelled) and the transport
 	// should treat the card as removed.
+	//
+	// cmd is only valid during the call: transports pass a slice of a
+	// reused receive buffer, so a card copies whatever it keeps (chained
+	// SIGN input, for example). The returned slice belongs to the caller.
 	Transmit(ctx context.Context, cmd []byte) ([]byte, error)
 }
