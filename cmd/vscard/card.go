@@ -3,7 +3,9 @@ package main
 import (
 	"bufio"
 	"context"
+	"crypto/sha256"
 	"crypto/x509"
+	"encoding/hex"
 	"errors"
 	"flag"
 	"fmt"
@@ -311,8 +313,10 @@ func runCardShow(_ context.Context, env *environ, args []string) error {
 	fmt.Fprintf(w, "Card: %s\n", c.Dir())
 	fmt.Fprintf(w, "Type: %s (format %d)\n", strings.ToUpper(info.Type), info.Version)
 	fmt.Fprintf(w, "Name: %s\n", info.CN)
-	fmt.Fprintf(w, "ID: %x\n", info.ID)
 	fmt.Fprintf(w, "Created: %s\n", info.Created.Format(time.RFC3339))
+	if creds := c.Credentials(); len(creds) > 0 {
+		fmt.Fprintf(w, "Serial: %s (as OpenSC shows it when vscard serve runs in default mode)\n", openSCSerial(creds[0].Cert))
+	}
 	left, max := c.PIN().TriesLeft()
 	if left == 0 {
 		fmt.Fprintf(w, "PIN: set, blocked (0 of %d tries left)\n", max)
@@ -334,6 +338,17 @@ func runCardShow(_ context.Context, env *environ, args []string) error {
 		fmt.Fprintf(w, "warning: %s\n", warn)
 	}
 	return nil
+}
+
+// openSCSerial predicts the PKCS#11 token serial OpenSC shows for the
+// card. card/cac (default mode) puts the first 14 bytes of SHA-256 over the
+// first certificate into the CCC card ID, and OpenSC's serial is the last 8
+// bytes of that ID in hex (cac.md §5.4: 000058bd002c19b5 for libcacard's
+// constant ID). Checked against pkcs11-tool -L (OpenSC 0.23) on a served
+// card. In --strict mode every card shows libcacard's constant instead.
+func openSCSerial(first *x509.Certificate) string {
+	sum := sha256.Sum256(first.Raw)
+	return hex.EncodeToString(sum[6:14])
 }
 
 func printCert(w io.Writer, c *x509.Certificate, now time.Time) {

@@ -3,8 +3,10 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"errors"
 	"flag"
+	"fmt"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -89,6 +91,12 @@ func TestCardNewShow(t *testing.T) {
 	}
 	if strings.Contains(out, pin) {
 		t.Error("show prints the PIN")
+	}
+	// OpenSC's serial: bytes 6..13 of SHA-256 over the identity
+	// certificate (see openSCSerial; observed with pkcs11-tool -L).
+	sum := sha256.Sum256(c.Credentials()[0].Cert.Raw)
+	if want := fmt.Sprintf("Serial: %x (as OpenSC", sum[6:14]); !strings.Contains(out, want) {
+		t.Errorf("show output lacks %q:\n%s", want, out)
 	}
 
 	// Block it and show again.

@@ -105,7 +105,14 @@ var errPermissions = errors.New("permissions too open")
 // checkPrivate refuses a path whose group/other bits are set (see the
 // package doc: like ssh, an exposed key is not served).
 func checkPrivate(path string, isDir bool) error {
-	fi, err := os.Lstat(path)
+	// The card directory itself may be a symbolic link (~/cards on
+	// another disk); the files inside may not, so a link cannot swap in
+	// a key from elsewhere.
+	stat := os.Lstat
+	if isDir {
+		stat = os.Stat
+	}
+	fi, err := stat(path)
 	if err != nil {
 		return err
 	}

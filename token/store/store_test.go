@@ -590,6 +590,17 @@ func TestOpenSymlinkKey(t *testing.T) {
 	}
 }
 
+func TestOpenSymlinkDir(t *testing.T) {
+	dir := newCard(t)
+	link := filepath.Join(t.TempDir(), "link")
+	if err := os.Symlink(dir, link); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Open(link); err != nil {
+		t.Errorf("Open through a linked card directory: %v", err)
+	}
+}
+
 func TestGeneratePIN(t *testing.T) {
 	// Bytes ≥ 250 are rejected so that digits stay uniform.
 	p, err := GeneratePIN(bytes.NewReader([]byte{250, 255, 0, 1, 2, 3, 4, 5, 6, 249}))
