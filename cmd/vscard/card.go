@@ -126,7 +126,7 @@ func runCardNew(_ context.Context, env *environ, args []string) error {
 	fs := newFlagSet(env, "card new", "usage: vscard card new DIR [flags]\n\nMakes a CAC card: a CA and identity, signing and encryption certificates.\n\nflags:")
 	cn := fs.String("cn", "John Doe", "holder's common name")
 	pin := fs.String("pin", "", "user PIN, 4-8 characters (default: generate 8 digits and print them once; \"-\" reads stdin)")
-	key := fs.String("key", "rsa2048", "key type: "+strings.Join(store.KeyTypes, ", "))
+	key := fs.String("key", "rsa2048", "key type: "+strings.Join(store.KeyTypes(), ", "))
 	tries := fs.Int("pin-tries", 3, "wrong PINs allowed before the PIN blocks (1-15)")
 	pos, err := parseInterspersed(fs, args)
 	if err != nil {
@@ -146,7 +146,7 @@ func runCardNew(_ context.Context, env *environ, args []string) error {
 		return fmt.Errorf("%w: --pin-tries must be 1 to 15, not %d", errUsage, *tries)
 	}
 	if !validKey(*key) {
-		return fmt.Errorf("%w: --key %q: use one of %s", errUsage, *key, strings.Join(store.KeyTypes, ", "))
+		return fmt.Errorf("%w: --key %q: use one of %s", errUsage, *key, strings.Join(store.KeyTypes(), ", "))
 	}
 	c, err := store.Create(dir, store.Options{CN: *cn, PIN: *pin, KeyType: *key, MaxTries: *tries})
 	if err != nil {
@@ -166,7 +166,7 @@ func runCardNew(_ context.Context, env *environ, args []string) error {
 	return nil
 }
 
-func validKey(k string) bool { return slices.Contains(store.KeyTypes, k) }
+func validKey(k string) bool { return slices.Contains(store.KeyTypes(), k) }
 
 // inputFile is one --cert, --key or --pem argument.
 type inputFile struct {

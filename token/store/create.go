@@ -40,8 +40,8 @@ type Options struct {
 	iterations int
 }
 
-// KeyTypes lists the accepted Options.KeyType values.
-var KeyTypes = []string{"rsa2048", "rsa3072", "rsa1024"}
+// KeyTypes returns the accepted Options.KeyType values, default first.
+func KeyTypes() []string { return []string{"rsa2048", "rsa3072", "rsa1024"} }
 
 const defaultCN = "John Doe"
 
@@ -62,7 +62,7 @@ func keyBits(t string) (int, error) {
 	case "rsa1024":
 		return 1024, nil
 	}
-	return 0, fmt.Errorf("store: unknown key type %q; use one of %v", t, KeyTypes)
+	return 0, fmt.Errorf("store: unknown key type %q; use one of %v", t, KeyTypes())
 }
 
 func checkMaxTries(n int) (int, error) {

@@ -246,7 +246,7 @@ func TestKeyBits(t *testing.T) {
 			t.Errorf("keyBits(%q) = %d, %v; want %d", tc.typ, bits, err, tc.bits)
 		}
 	}
-	for _, k := range KeyTypes {
+	for _, k := range KeyTypes() {
 		if _, err := keyBits(k); err != nil {
 			t.Errorf("KeyTypes lists %q, which keyBits refuses", k)
 		}
