@@ -370,9 +370,13 @@ func (s *server) log() string {
 	if err != nil {
 		return fmt.Sprintf("(no log: %v)", err)
 	}
-	const max = 16 << 10
+	return tail(b, 16<<10)
+}
+
+// tail returns the last max bytes of b.
+func tail(b []byte, max int) string {
 	if len(b) > max {
-		b = append([]byte("...\n"), b[len(b)-max:]...)
+		return "...\n" + string(b[len(b)-max:])
 	}
 	return string(b)
 }
@@ -453,6 +457,14 @@ func (s *server) stop() {
 	}
 	if s.waitErr != nil {
 		t.Errorf("vscard serve exited with %v after SIGTERM, want status 0; log:\n%s", s.waitErr, s.log())
+	} else if t.Failed() {
+		// The card's side of a failure: its debug log, and pcscd's.
+		t.Logf("vscard serve log (test failed):\n%s", s.log())
+		if p := os.Getenv("VSCARD_PCSCD_LOG"); p != "" {
+			if b, err := os.ReadFile(p); err == nil {
+				t.Logf("pcscd log %s (set VSCARD_PCSCD_DEBUG=1 for APDUs):\n%s", p, tail(b, 8<<10))
+			}
+		}
 	}
 	for _, r := range s.readers {
 		if err := s.waitReader(r, false, 10*time.Second); err != nil {
