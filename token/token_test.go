@@ -147,3 +147,48 @@ func BenchmarkStdlibSignPKCS1v15(b *testing.B) {
 		}
 	}
 }
+
+// Both paths of RawRSA compute the same function: the crypto/rsa fast path
+// for PKCS#1 v1.5 signature blocks and the math/big path for the rest.
+func TestRawRSAPathsAgree(t *testing.T) {
+	k := loadRSA(t)
+	digest := sha256.Sum256([]byte("paths"))
+	block := pkcs1Block(k.Size(), digest[:])
+	if _, ok := pkcs1v15Payload(block); !ok {
+		t.Fatal("a PKCS#1 v1.5 block was not recognised")
+	}
+	fast, err := k.RawRSA(context.Background(), block)
+	if err != nil {
+		t.Fatal(err)
+	}
+	slow, err := k.rawBig(block)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(fast, slow) {
+		t.Fatal("crypto/rsa and math/big paths differ")
+	}
+	for name, b := range map[string][]byte{
+		"short PS":     append([]byte{0, 1, 0xFF, 0xFF, 0}, make([]byte, k.Size()-5)...),
+		"type 2":       append([]byte{0, 2}, bytes.Repeat([]byte{0xFF}, k.Size()-2)...),
+		"no separator": append([]byte{0, 1}, bytes.Repeat([]byte{0xFF}, k.Size()-2)...),
+	} {
+		if _, ok := pkcs1v15Payload(b); ok {
+			t.Errorf("%s: accepted as a PKCS#1 v1.5 signature block", name)
+		}
+	}
+}
+
+// BenchmarkRawRSA2048NonPKCS1 is the math/big path (decryption, PSS).
+func BenchmarkRawRSA2048NonPKCS1(b *testing.B) {
+	k := loadRSA(b)
+	block := make([]byte, k.Size())
+	block[1] = 0x42
+	ctx := context.Background()
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := k.RawRSA(ctx, block); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
