@@ -96,13 +96,8 @@ func Create(dir string, opts Options) (*Card, error) {
 		return nil, err
 	}
 	rnd := randReader(opts.Rand)
-	pinStr := opts.PIN
-	generated := pinStr == ""
-	if generated {
-		if pinStr, err = GeneratePIN(rnd); err != nil {
-			return nil, err
-		}
-	} else if err := CheckPIN(pinStr); err != nil {
+	pinStr, generated, err := choosePIN(opts.PIN, rnd)
+	if err != nil {
 		return nil, err
 	}
 	cn := opts.CN
@@ -230,4 +225,14 @@ func issue(rnd io.Reader, tmpl, parent *x509.Certificate, pub crypto.PublicKey, 
 		return nil, err
 	}
 	return x509.ParseCertificate(der)
+}
+
+// choosePIN checks a PIN the user gave, or generates one when pin is empty;
+// generated tells the caller to show it once.
+func choosePIN(pin string, rnd io.Reader) (chosen string, generated bool, err error) {
+	if pin != "" {
+		return pin, false, CheckPIN(pin)
+	}
+	pin, err = GeneratePIN(rnd)
+	return pin, true, err
 }

@@ -46,13 +46,8 @@ func Import(dir string, opts ImportOptions) (*Card, error) {
 		return nil, err
 	}
 	rnd := randReader(opts.Rand)
-	pinStr := opts.PIN
-	generated := pinStr == ""
-	if generated {
-		if pinStr, err = GeneratePIN(rnd); err != nil {
-			return nil, err
-		}
-	} else if err := CheckPIN(pinStr); err != nil {
+	pinStr, generated, err := choosePIN(opts.PIN, rnd)
+	if err != nil {
 		return nil, err
 	}
 
