@@ -50,6 +50,9 @@ func commands() []command {
 	return []command{
 		{"card", "make, import and inspect virtual cards (card new|import|show)", runCard},
 		{"serve", "serve cards to pcscd through vsmartcard's vpcd", runServe},
+		{"connect", "connect a card to a QEMU guest's ccid-card-passthru socket", runConnect},
+		{"ctl", "send a command (insert, remove, status, ...) to a running connect", runCtl},
+		{"qemu-args", "print the QEMU options for 'vscard connect'", runQEMUArgs},
 		{"version", "print the version", runVersion},
 	}
 }
