@@ -144,6 +144,11 @@ func (h *Host) Transmit(ctx context.Context, readerID uint32, apdu []byte) ([]by
 		return nil, fmt.Errorf("vscard: transmit %d bytes (limit %d): %w", len(apdu), h.o.MaxAPDU, ErrAPDUTooLong)
 	}
 	select {
+	case <-h.done:
+		return nil, h.closedError()
+	default:
+	}
+	select {
 	case h.sem <- struct{}{}:
 	case <-ctx.Done():
 		return nil, ctx.Err()
