@@ -156,7 +156,7 @@ func Serve(ctx context.Context, ln net.Listener, h Handler, log *slog.Logger) er
 func serveConn(ctx context.Context, c net.Conn, h Handler, log *slog.Logger) {
 	defer c.Close()
 	_ = c.SetDeadline(time.Now().Add(ioTimeout))
-	line, err := readLine(c)
+	line, err := readLine(c, MaxLine)
 	if err != nil {
 		log.Debug("control connection", "err", err)
 		if errors.Is(err, errTooLong) {
@@ -176,18 +176,18 @@ func serveConn(ctx context.Context, c net.Conn, h Handler, log *slog.Logger) {
 
 var errTooLong = errors.New("ctl: command line too long")
 
-// readLine reads one line of at most MaxLine bytes; EOF ends a line too, so
+// readLine reads one line of at most max bytes; EOF ends a line too, so
 // `printf status | socat` works.
-func readLine(r io.Reader) (string, error) {
-	br := bufio.NewReaderSize(io.LimitReader(r, MaxLine+1), 512)
+func readLine(r io.Reader, max int) (string, error) {
+	br := bufio.NewReaderSize(io.LimitReader(r, int64(max)+1), 512)
 	s, err := br.ReadString('\n')
 	if err != nil && !(errors.Is(err, io.EOF) && s != "") {
-		if len(s) > MaxLine {
+		if len(s) > max {
 			return "", errTooLong
 		}
 		return "", err
 	}
-	if len(s) > MaxLine {
+	if len(s) > max {
 		return "", errTooLong
 	}
 	return strings.TrimRight(s, "\r\n"), nil
