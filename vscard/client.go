@@ -46,6 +46,10 @@ type ClientOptions struct {
 	// RESPONSE for the rest is answered by the client itself. Command-line
 	// tools turn it on by default.
 	QEMU54Workaround bool
+
+	// noQuickAck turns the TCP_QUICKACK re-arm off, so that benchmarks can
+	// show the stall it prevents.
+	noQuickAck bool
 }
 
 // ClientStatus is a snapshot of a Client's state.
@@ -279,7 +283,7 @@ func (c *Client) serveConn(ctx context.Context, nc net.Conn) (handshook bool, er
 		c:    c,
 		ctx:  ctx,
 		raw:  nc,
-		conn: netutil.LowLatency(nc),
+		conn: lowLatency(nc, c.o.noQuickAck),
 		log:  c.o.Logger.With("addr", addr),
 		wbuf: make([]byte, 0, HeaderSize+258),
 	}
@@ -444,6 +448,7 @@ func (s *session) handle(m Message) error {
 	if s.closing {
 		// Only the acks of the shutdown messages matter now; the write side
 		// is closed.
+		s.traceIn(m, nil, time.Now())
 		if m.Type == MsgError && len(s.expect) > 0 {
 			s.expect = s.expect[1:]
 		}
@@ -633,4 +638,17 @@ func sleep(ctx context.Context, d time.Duration) bool {
 	case <-t.C:
 		return true
 	}
+}
+
+// lowLatency applies netutil.LowLatency: TCP_NODELAY for our single-write
+// messages, and TCP_QUICKACK re-armed after each read so that QEMU's split
+// header/payload writes do not wait for a delayed ACK (peers.md §4.1).
+func lowLatency(nc net.Conn, noQuickAck bool) net.Conn {
+	if noQuickAck {
+		if tc, ok := nc.(*net.TCPConn); ok {
+			_ = tc.SetNoDelay(true)
+		}
+		return nc
+	}
+	return netutil.LowLatency(nc)
 }
