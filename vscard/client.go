@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/vscard/vscard/card"
@@ -86,8 +87,9 @@ type Client struct {
 	card, last card.Card
 	sess       *session // the current connection, nil between connections
 
-	stMu sync.Mutex // guards st; separate so Status never waits for an APDU
-	st   ClientStatus
+	stMu    sync.Mutex // guards st; separate so Status never waits for an APDU
+	st      ClientStatus
+	hasCard atomic.Bool // card != nil, readable without mu
 }
 
 // NewClient returns a Client that reaches its host through dial and serves
@@ -107,7 +109,9 @@ func NewClient(dial func(ctx context.Context) (net.Conn, error), c card.Card, op
 		o.MaxBackoff = 5 * time.Second
 	}
 	o.MaxBackoff = max(o.MaxBackoff, o.MinBackoff)
-	return &Client{dial: dial, o: o, card: c}
+	cl := &Client{dial: dial, o: o, card: c}
+	cl.hasCard.Store(c != nil)
+	return cl
 }
 
 // Run connects to the host and serves the card until ctx is done. On each
@@ -189,6 +193,7 @@ func (c *Client) Insert(cd card.Card) error {
 		}
 	}
 	c.card = cd
+	c.hasCard.Store(true)
 	if s := c.sess; s != nil && s.ready && !s.closing {
 		return s.insertCard()
 	}
@@ -210,6 +215,7 @@ func (c *Client) Remove() error {
 	} else {
 		c.card.PowerOff()
 		c.last, c.card = c.card, nil
+		c.hasCard.Store(false)
 	}
 	return err
 }
@@ -219,9 +225,7 @@ func (c *Client) Status() ClientStatus {
 	c.stMu.Lock()
 	s := c.st
 	c.stMu.Unlock()
-	c.mu.Lock()
-	s.CardInserted = c.card != nil
-	c.mu.Unlock()
+	s.CardInserted = c.hasCard.Load()
 	return s
 }
 
@@ -249,6 +253,11 @@ func (c *Client) setConnected(up bool, addr string) {
 // linger bounds how long shutdown waits for the host to acknowledge
 // CardRemove and ReaderRemove before closing the connection.
 const linger = time.Second
+
+// writeTimeout bounds one write to the host. QEMU reads its chardev from
+// the main loop even while the guest is stopped, so a write that takes
+// this long means the host is wedged; the link is dropped and redialled.
+const writeTimeout = 10 * time.Second
 
 // session is the state of one connection. Every field except raw, conn
 // and the read buffer is guarded by Client.mu, which the read loop holds
@@ -321,9 +330,10 @@ func (c *Client) serveConn(ctx context.Context, nc net.Conn) (handshook bool, er
 		m, buf, err = ReadMessage(s.conn, buf)
 		if err != nil {
 			c.mu.Lock()
-			closing, done := s.closing, s.closing && len(s.expect) == 0
+			closing := s.closing
 			c.mu.Unlock()
-			if closing || done {
+			if closing {
+				// EOF or the linger deadline after our shutdown messages.
 				return s.ready, nil
 			}
 			if errors.Is(err, io.EOF) {
@@ -383,6 +393,9 @@ func (c *Client) shutdown(s *session) {
 // the peer a delayed-ACK stall). Called with c.mu held.
 func (s *session) send(t MsgType, reader uint32, payload []byte) error {
 	s.wbuf = AppendMessage(s.wbuf[:0], Message{Type: t, ReaderID: reader, Payload: payload})
+	// A host that stops reading must not wedge the client (and every
+	// Insert/Remove waiting for c.mu): give up on the link instead.
+	_ = s.raw.SetWriteDeadline(time.Now().Add(writeTimeout))
 	if _, err := s.conn.Write(s.wbuf); err != nil {
 		return fmt.Errorf("vscard: write %v: %w", t, err)
 	}
@@ -432,6 +445,7 @@ func (s *session) insertCard() error {
 func (s *session) removeCard() error {
 	cd := s.c.card
 	s.c.last, s.c.card = cd, nil
+	s.c.hasCard.Store(false)
 	s.held = nil
 	cd.PowerOff()
 	if !s.atrSent {

@@ -5,6 +5,7 @@ import (
 	"io"
 	"strings"
 	"sync"
+	"time"
 
 	"context"
 	"errors"
@@ -204,6 +205,8 @@ func (h *Host) closedError() error {
 // sendLocked writes one message in one write. Called with h.mu held.
 func (h *Host) sendLocked(t MsgType, reader uint32, payload []byte) error {
 	h.wbuf = AppendMessage(h.wbuf[:0], Message{Type: t, ReaderID: reader, Payload: payload})
+	// A client that stops reading must not hold h.mu forever.
+	_ = h.conn.SetWriteDeadline(time.Now().Add(writeTimeout))
 	if _, err := h.conn.Write(h.wbuf); err != nil {
 		return fmt.Errorf("vscard: host write %v: %w", t, err)
 	}
