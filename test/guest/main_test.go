@@ -22,6 +22,9 @@ var (
 	setupErr error // reported by every guest test
 	binDir   string
 	repoRoot string
+
+	vscardBin    string // ./cmd/vscard, built once
+	vscclientBin string // ./cmd/vscclient
 )
 
 func TestMain(m *testing.M) {
@@ -49,6 +52,16 @@ func setup() error {
 		return err
 	}
 	repoRoot = root
+	if binDir, err = os.MkdirTemp("", "vscard-guest-bin"); err != nil {
+		return err
+	}
+	vscardBin = filepath.Join(binDir, "vscard")
+	vscclientBin = filepath.Join(binDir, "vscclient")
+	build := exec.Command("go", "build", "-o", binDir+"/", "./cmd/vscard", "./cmd/vscclient")
+	build.Dir = root
+	if out, err := build.CombinedOutput(); err != nil {
+		return fmt.Errorf("go build ./cmd/vscard ./cmd/vscclient: %w\n%s", err, out)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	start := time.Now()

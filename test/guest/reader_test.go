@@ -13,7 +13,7 @@ import (
 func TestGuestReaderNoCard(t *testing.T) {
 	requireGuest(t)
 	script := `. /vscard/lib.sh
-poll 300 has_reader || { mark "FAIL no-reader"; exit 3; }
+poll 30 has_reader || { mark "FAIL no-reader"; exit 3; }
 mark readers-listed
 echo "@@BEGIN readers"; opensc-tool --list-readers 2>&1; echo "@@END readers $?"
 echo "@@BEGIN atr"; opensc-tool --atr 2>&1; echo "@@END atr $?"

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	_ "embed"
 	"errors"
 	"fmt"
 	"io"
@@ -15,6 +16,12 @@ import (
 	"sync"
 	"time"
 )
+
+// guestLib is /vscard/lib.sh in every guest: the shell half of the console
+// protocol, shipped with the runner so both halves change together.
+//
+//go:embed guestlib.sh
+var guestLib []byte
 
 // Config describes one guest boot.
 type Config struct {
@@ -163,12 +170,11 @@ func Start(ctx context.Context, cfg Config) (*VM, error) {
 	if cfg.Script != "" {
 		files["/vscard/script"] = []byte(cfg.Script)
 	}
-	initrd := cfg.Image.Initrd
-	if len(files) > 0 {
-		if initrd, err = cfg.Image.initrdWith(tmp, files); err != nil {
-			os.RemoveAll(tmp)
-			return nil, err
-		}
+	files["/vscard/lib.sh"] = guestLib
+	initrd, err := cfg.Image.initrdWith(tmp, files)
+	if err != nil {
+		os.RemoveAll(tmp)
+		return nil, err
 	}
 
 	appendArg := "console=ttyS0 loglevel=4 panic=-1 vscard.maxwait=300"

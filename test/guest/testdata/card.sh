@@ -1,0 +1,80 @@
+# Guest side of TestGuestCard (issue 3 acceptance). Sourced helpers:
+# /vscard/lib.sh (mark, host_wait, emit, poll, has_card, no_card).
+# Every check is a step "@@BEGIN NAME" ... "@@END NAME STATUS" that the
+# host's subtests read; @@WAIT lines hand control to the host.
+. /vscard/lib.sh
+PIN=$(cat /vscard/pin)
+printf '%s\n' "$PIN" >/tmp/pinfile
+OPENSC=/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so
+COOLKEY=/usr/lib/pkcs11/libcoolkeypk11.so
+p11() { pkcs11-tool --module $OPENSC "$@"; }
+step() { # NAME CMD...: run CMD, report its output and status
+  n=$1; shift
+  echo "@@BEGIN $n"
+  "$@" 2>&1
+  s=$?
+  echo "@@END $n $s"
+  return $s
+}
+# state NAME absent|present: wait until pcscd reports the card state.
+state() {
+  echo "@@BEGIN $1"
+  if [ "$2" = absent ]; then poll 30 no_card; else poll 30 has_card; fi
+  s=$?
+  opensc-tool --list-readers 2>&1
+  echo "@@END $1 $s"
+}
+sign() { p11 --login --pin "$PIN" --sign --id 0001 -m SHA256-RSA-PKCS -i /tmp/data -o "$1"; }
+# signed NAME: sign /tmp/data (retrying while the card comes back) and
+# send the signature to the host, which verifies it.
+signed() {
+  poll 30 sign /tmp/$1.sig
+  s=$?
+  echo "@@BEGIN $1"
+  [ $s = 0 ] && base64 </tmp/$1.sig
+  echo "@@END $1 $s"
+}
+
+state card-present present
+step readers opensc-tool --list-readers
+step list p11 -L
+step test p11 --login --pin "$PIN" --test
+
+# A signature made here, verified on the host with the card's certificate.
+head -c 100 /dev/urandom >/tmp/data
+emit data /tmp/data
+signed sig
+
+# CoolKey through NSS: the three certificates, PIN from a file.
+mkdir -p /tmp/nssdb
+certutil -N -d sql:/tmp/nssdb --empty-password >/dev/null 2>&1
+step modutil modutil -dbdir sql:/tmp/nssdb -add coolkey -libfile $COOLKEY -force
+step certutil certutil -d sql:/tmp/nssdb -L -h all -f /tmp/pinfile
+
+# Speed: 20 pkcs11-tool --sign calls, each a whole PKCS#11 session.
+t0=$(ms); i=0
+while [ $i -lt 20 ] && sign /tmp/s20.sig >/dev/null 2>&1; do i=$((i + 1)); done
+t1=$(ms)
+echo "@@BEGIN sign20"; echo "calls=$i ms=$((t1 - t0))"; echo "@@END sign20 $([ $i = 20 ]; echo $?)"
+
+# Lifecycle through the control socket.
+host_wait remove
+state removed absent
+host_wait insert
+state inserted present
+step list-inserted p11 -L
+
+# SIGKILL vscard connect; the host starts it again.
+host_wait kill
+signed sig-after-kill
+
+# A clean quit removes the card; then libcacard-style vscclient serves it.
+host_wait quit
+state quit-removed absent
+host_wait vscclient
+signed sig-vscclient
+
+# Back to vscard connect, which stays up while QEMU restarts.
+host_wait connect
+signed sig-connect
+mark steps-done
