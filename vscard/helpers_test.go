@@ -10,6 +10,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -289,7 +290,8 @@ func waitRun(t testing.TB, ch <-chan error) {
 			t.Fatalf("Run: %v", err)
 		}
 	case <-time.After(5 * time.Second):
-		t.Fatal("Run did not return")
+		buf := make([]byte, 1<<20)
+		t.Fatalf("Run did not return; goroutines:\n%s", buf[:runtime.Stack(buf, true)])
 	}
 }
 
