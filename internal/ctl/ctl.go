@@ -69,16 +69,22 @@ func DefaultPath(pid int) string {
 	return filepath.Join(DefaultDir(), fmt.Sprintf("connect-%d.sock", pid))
 }
 
-// Listen creates the socket at path. It makes the parent directory (0700)
-// if needed and refuses one that others can enter. A socket file left behind
-// by a dead process is replaced; one a live process answers on is an error.
+// Listen creates the socket at path, mode 0600 from the start. It makes the
+// parent directory (0700) if needed; the default directory (DefaultDir) must
+// not be open to others, since it is shared by every vscard connect of the
+// user. A directory the user names is theirs to choose: the socket's own
+// mode protects it (Linux checks write permission on connect). A socket file
+// left behind by a dead process is replaced; one a live process answers on
+// is an error.
 func Listen(path string) (net.Listener, error) {
 	dir := filepath.Dir(path)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("ctl: make socket directory: %w", err)
 	}
-	if err := checkDir(dir); err != nil {
-		return nil, err
+	if filepath.Clean(dir) == filepath.Clean(DefaultDir()) {
+		if err := checkDir(dir); err != nil {
+			return nil, err
+		}
 	}
 	if fi, err := os.Lstat(path); err == nil {
 		if fi.Mode().Type() != fs.ModeSocket {
@@ -93,10 +99,11 @@ func Listen(path string) (net.Listener, error) {
 			return nil, fmt.Errorf("ctl: remove stale socket: %w", err)
 		}
 	}
-	ln, err := net.Listen("unix", path)
+	ln, err := listenPrivate(path)
 	if err != nil {
 		return nil, fmt.Errorf("ctl: %w", err)
 	}
+	// Belt and braces where the umask could not be applied.
 	if err := os.Chmod(path, 0o600); err != nil {
 		ln.Close()
 		return nil, fmt.Errorf("ctl: %w", err)

@@ -137,13 +137,35 @@ func TestFindSeveral(t *testing.T) {
 	}
 }
 
-func TestListenRefusesOpenDir(t *testing.T) {
+func TestListenDirModes(t *testing.T) {
+	// The shared default directory must be private...
+	rt := shortDir(t)
+	t.Setenv("XDG_RUNTIME_DIR", rt)
+	if err := os.Mkdir(filepath.Join(rt, "vscard"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Listen(DefaultPath(1)); err == nil || !strings.Contains(err.Error(), "chmod 700") {
+		t.Errorf("Listen in a 0755 default dir: %v", err)
+	}
+	os.Chmod(filepath.Join(rt, "vscard"), 0o700)
+	ln, err := Listen(DefaultPath(1))
+	if err != nil {
+		t.Fatalf("Listen in a 0700 default dir: %v", err)
+	}
+	ln.Close()
+	// ... a directory the user names need not be; the socket is 0600.
 	dir := shortDir(t)
 	if err := os.Chmod(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := Listen(filepath.Join(dir, "c.sock")); err == nil || !strings.Contains(err.Error(), "chmod 700") {
-		t.Errorf("Listen in a 0755 dir: %v", err)
+	p := filepath.Join(dir, "c.sock")
+	ln, err = Listen(p)
+	if err != nil {
+		t.Fatalf("Listen in a named 0755 dir: %v", err)
+	}
+	defer ln.Close()
+	if fi, err := os.Stat(p); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Errorf("socket mode %v, %v", fi.Mode(), err)
 	}
 }
 
