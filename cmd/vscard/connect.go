@@ -199,7 +199,7 @@ func runConnect(ctx context.Context, env *environ, args []string) error {
 	if runErr != nil {
 		return runErr
 	}
-	log.Info("card and reader removed; exiting")
+	log.Info("stopped; exiting")
 	return nil
 }
 

@@ -20,7 +20,7 @@ var goldenInputs = []string{
 	``,
 	`db="sql:/tmp/softdb" use_hw=no soft=(,Test,CAC,,cert1,cert2,cert3)`,
 	`db="/etc/pki/nssdb" use_hw=no soft=(,Virtual Reader,CAC,,id-cert,signing-cert,encryption-cert)`,
-	`use_hw=no soft=(,Spice virtual reader,CAC,,cert1,cert2,cert3)`,
+	`use_hw=no soft=(,Spice Software Smartcard,CAC,,cert1,cert2,cert3)`,
 	`db="sql:db" use_hw=removable`,
 	`db="/etc/pki/nssdb",soft=(,Virtual Reader,CAC,,id,sign,enc,)`,
 	"db=\"sql:/x\"\n use_hw=no\n\tsoft=( slot 1, My Reader, cac, p,  a, b)",
