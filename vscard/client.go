@@ -44,8 +44,10 @@ type ClientOptions struct {
 	// stays out of step until it is re-plugged (peers.md appendix "QEMU 7.2
 	// usb-ccid loses sync on a 54-byte response"). With the workaround, such
 	// a response goes out as its first data byte and 61 xx; the host's GET
-	// RESPONSE for the rest is answered by the client itself. Command-line
-	// tools turn it on by default.
+	// RESPONSE for the rest is answered by the client itself. Hosts that
+	// follow 61 xx chains and keep the data (OpenSC) read the same bytes;
+	// CoolKey does not follow them, see qemu54.go. Command-line tools turn
+	// it on by default.
 	QEMU54Workaround bool
 
 	// noQuickAck turns the TCP_QUICKACK re-arm off, so that benchmarks can

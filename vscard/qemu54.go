@@ -21,6 +21,15 @@ package vscard
 // most 51 data bytes, so no answer built from it can be 54 bytes either.
 // Any other command drops what is held, as a card drops its response
 // buffer.
+//
+// Limit: CoolKey cannot be helped here. Its CKYCardConnection_ExchangeAPDU
+// (dogtagpki/coolkey src/libckyapplet/cky_card.c) issues GET RESPONSE only
+// when a response is exactly the 2 bytes 61 xx, and only once: it takes a
+// split first answer (3 bytes) as the final one, and it cannot follow a
+// chained GET RESPONSE either. When CoolKey reads a 52-byte object (the
+// CCC T-buffer: READ FILE, 61 34, GET RESPONSE 34), any answer but the 54
+// bytes fails it; only the card can avoid that, by not having objects
+// whose reads end in 52-byte chunks.
 
 // qemuBadLen is the response length QEMU 7.2 cannot deliver.
 const qemuBadLen = 54
