@@ -20,6 +20,16 @@ import (
 // vscclient served in the captures.
 func libcacardCAC(t *testing.T) *cac.Card {
 	t.Helper()
+	c, err := cac.New(token.NewMemory(cacCreds(t), nil), cac.Options{Strict: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// cacCreds loads libcacard's test credentials, in card order.
+func cacCreds(t *testing.T) []token.Credential {
+	t.Helper()
 	dir := filepath.Join("..", "card", "cac", "testdata", "testdb")
 	var creds []token.Credential
 	for _, name := range []string{"cert1", "cert2", "cert3"} {
@@ -46,11 +56,7 @@ func libcacardCAC(t *testing.T) *cac.Card {
 		}
 		creds = append(creds, token.Credential{Label: name, Cert: cert, Key: token.NewRSAKey(k.(*rsa.PrivateKey))})
 	}
-	c, err := cac.New(token.NewMemory(creds, nil), cac.Options{Strict: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return c
+	return creds
 }
 
 // TestRealCACThroughHost serves a real CAC card through Client and Host and
