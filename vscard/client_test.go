@@ -413,3 +413,59 @@ func TestClientReaderNameAndTrace(t *testing.T) {
 		t.Errorf("JSON trace lacks expected lines:\n%s", buf.String())
 	}
 }
+
+// TestClientWaitsForHost: while the host is not there (QEMU not started
+// yet), dial failures are retried with backoff; Insert and Remove work
+// offline; the card goes in once the link comes up.
+func TestClientWaitsForHost(t *testing.T) {
+	ln, dial := listen(t)
+	var dials atomic.Int32
+	cl := NewClient(func(ctx context.Context) (net.Conn, error) {
+		if dials.Add(1) <= 3 {
+			return nil, errors.New("connect: connection refused")
+		}
+		return dial(ctx)
+	}, nil, &ClientOptions{MinBackoff: time.Millisecond, MaxBackoff: 4 * time.Millisecond})
+	cd := &fakeCard{}
+	if err := cl.Insert(cd); err != nil {
+		t.Fatal(err)
+	}
+	if err := cl.Remove(); err != nil {
+		t.Fatal(err)
+	}
+	if err := cl.Insert(nil); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- cl.Run(ctx) }()
+	c := accept(t, ln)
+	if n := dials.Load(); n != 4 {
+		t.Errorf("connected on dial %d, want 4", n)
+	}
+	if st := cl.Status(); !strings.Contains(st.LastError, "refused") || st.Connected {
+		t.Errorf("status while connecting: %+v", st)
+	}
+	// A host speaking another version is only warned about; a repeated
+	// Init is ignored.
+	expectMsg(t, c, MsgInit, 0, InitPayload(0))
+	other := InitPayload(0)
+	other[7] = 3
+	c.Write(msg(MsgInit, UndefinedReaderID, other))
+	c.Write(msg(MsgInit, UndefinedReaderID, other))
+	expectMsg(t, c, MsgReaderRemove, 0, nil)
+	expectMsg(t, c, MsgReaderAdd, 0, nil)
+	c.Write(msg(MsgError, 0, ErrorPayload(CodeOK)))
+	c.Write(msg(MsgError, 0, ErrorPayload(CodeOK)))
+	expectMsg(t, c, MsgATR, 0, cacATR)
+	// The host refuses the ATR: logged and kept in LastError.
+	c.Write(msg(MsgError, 0, ErrorPayload(CodeGeneralError)))
+	eventually(t, "ATR refusal in status", func() bool {
+		return strings.Contains(cl.Status().LastError, "refused the card's ATR")
+	})
+	if got := cd.powerCalls(); !slices.Equal(got, []string{"off", "on"}) {
+		t.Errorf("power events %v", got)
+	}
+	cancel()
+	waitRun(t, done)
+}
