@@ -1,4 +1,5 @@
-# Guest side of TestGuestCard (issue 3 acceptance). Sourced helpers:
+# Guest side of TestGuestCard (issue 3 acceptance and the harness's own
+# smoke check: the reader without a card). Sourced helpers:
 # /vscard/lib.sh (mark, host_wait, emit, poll, has_card, no_card).
 # Every check is a step "@@BEGIN NAME" ... "@@END NAME STATUS" that the
 # host's subtests read; @@WAIT lines hand control to the host.
@@ -35,6 +36,14 @@ signed() {
   echo "@@END $1 $s"
 }
 
+# Before any card client connects, QEMU's reader is there and empty.
+echo "@@BEGIN no-card"
+poll 30 has_reader
+s=$?
+opensc-tool --list-readers 2>&1
+has_card && s=1
+echo "@@END no-card $s"
+host_wait connect-card
 state card-present present
 step readers opensc-tool --list-readers
 step list p11 -L
@@ -48,8 +57,11 @@ signed sig
 # CoolKey through NSS: the three certificates, PIN from a file.
 mkdir -p /tmp/nssdb
 certutil -N -d sql:/tmp/nssdb --empty-password >/dev/null 2>&1
+export COOL_KEY_LOG_FILE=/tmp/coolkey.log
 step modutil modutil -dbdir sql:/tmp/nssdb -add coolkey -libfile $COOLKEY -force
 step certutil certutil -d sql:/tmp/nssdb -L -h all -f /tmp/pinfile
+step coolkey-log tail -n 25 /tmp/coolkey.log
+unset COOL_KEY_LOG_FILE
 
 # Speed: 20 pkcs11-tool --sign calls, each a whole PKCS#11 session.
 t0=$(ms); i=0
