@@ -327,8 +327,8 @@ var strictKnown = os.Getenv(strictEnv) == "1"
 
 // proc is a host-side process of the test (vscard connect, vscclient).
 type proc struct {
-	cmd   *exec.Cmd
-	stdin io.WriteCloser
+	cmd    *exec.Cmd
+	stdin  io.WriteCloser
 	done   chan struct{}
 	err    error
 	killed bool // by the test
