@@ -39,24 +39,39 @@ type pkiApplet struct {
 // CoolKey; seen in its loadCACCert with a debugger). OpenSC inflates
 // CertInfo 01 itself (card-cac.c, (CertInfo & 3) == 1).
 func (c *Card) pkiFiles(der []byte) (t, v []byte, err error) {
-	info, cert := byte(0x00), der
-	if !c.strict {
-		info = 0x01
-		if cert, err = deflate(der); err != nil {
+	if c.strict {
+		return splitFile(
+			tlv.Simple{Tag: 0x71, Value: []byte{0x00}},
+			tlv.Simple{Tag: 0x70, Value: der},
+			tlv.Simple{Tag: 0x72},
+			tlv.Simple{Tag: 0xFE},
+		)
+	}
+	// Each empty stored block makes the compressed form a few bytes
+	// longer without changing what it inflates to; use them to keep the
+	// V-buffer off the lengths QEMU 7.2 cannot carry (qemu54Risk).
+	for pad := 0; pad < 4; pad++ {
+		cert, err := deflate(der, pad)
+		if err != nil {
 			return nil, nil, err
 		}
+		t, v, err = splitFile(
+			tlv.Simple{Tag: 0x71, Value: []byte{0x01}},
+			tlv.Simple{Tag: 0x70, Value: cert},
+			tlv.Simple{Tag: 0x72},
+			tlv.Simple{Tag: 0xFE},
+		)
+		if err != nil || !qemu54Risk(len(v)-2) {
+			return t, v, err
+		}
 	}
-	return splitFile(
-		tlv.Simple{Tag: 0x71, Value: []byte{info}},
-		tlv.Simple{Tag: 0x70, Value: cert},
-		tlv.Simple{Tag: 0x72},
-		tlv.Simple{Tag: 0xFE},
-	)
+	return t, v, nil
 }
 
 // deflate compresses a certificate into the zlib format (RFC 1950) that
-// both CoolKey's uncompress() and OpenSC's inflate accept.
-func deflate(der []byte) ([]byte, error) {
+// both CoolKey's uncompress() and OpenSC's inflate accept, with pad empty
+// stored blocks (sync flushes) before the end.
+func deflate(der []byte, pad int) ([]byte, error) {
 	var b bytes.Buffer
 	w, err := zlib.NewWriterLevel(&b, zlib.BestCompression)
 	if err != nil {
@@ -64,6 +79,11 @@ func deflate(der []byte) ([]byte, error) {
 	}
 	if _, err := w.Write(der); err != nil {
 		return nil, fmt.Errorf("cac: compress certificate: %w", err)
+	}
+	for range pad {
+		if err := w.Flush(); err != nil {
+			return nil, fmt.Errorf("cac: compress certificate: %w", err)
+		}
 	}
 	if err := w.Close(); err != nil {
 		return nil, fmt.Errorf("cac: compress certificate: %w", err)
