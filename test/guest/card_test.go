@@ -251,7 +251,7 @@ func TestGuestCard(t *testing.T) {
 		cfg2 := cfg
 		cfg2.Script = string(reboot)
 		start := time.Now()
-		r, err := Boot(ctx, cfg2)
+		r, err := Boot(context.Background(), cfg2) // bounded by cfg2.Timeout
 		logMarks(t, r)
 		if err != nil || r.Status != 0 {
 			t.Fatalf("second boot: err=%v status=%d\nconsole tail:\n%s", err, r.Status, r.Tail(60))

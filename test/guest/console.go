@@ -43,7 +43,7 @@ func parseEvent(line string) (event, bool) {
 			return event{}, false
 		}
 		secs, err := strconv.ParseFloat(up, 64)
-		if err != nil || secs < 0 || secs > 1e6 {
+		if err != nil || secs < 0 || secs > 1e6 || label == "" || len(label) > maxName {
 			return event{}, false
 		}
 		ev := event{kind: evMark, name: label, uptime: time.Duration(secs * float64(time.Second))}
@@ -54,7 +54,7 @@ func parseEvent(line string) (event, bool) {
 			}
 			ev.kind, ev.name, ev.status = evExit, "EXIT", n
 		}
-		return ev, len(label) <= maxName && label != ""
+		return ev, true
 	case evBegin, evWait:
 		if rest == "" || len(rest) > maxName || strings.Contains(rest, " ") {
 			return event{}, false

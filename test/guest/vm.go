@@ -101,7 +101,9 @@ func tail(lines []string, n int) string {
 // guest has powered off (or QEMU died).
 var ErrExited = errors.New("guest: QEMU exited")
 
-// VM is a running guest.
+// VM is a running guest. WaitFor and Section consume the console in order
+// (each call starts after what the previous one matched), so one goroutine
+// should drive a VM's steps; Tail, Go and Close may be called from any.
 type VM struct {
 	cfg   Config
 	cmd   *exec.Cmd
@@ -118,6 +120,7 @@ type VM struct {
 	changed chan struct{} // closed and replaced on every new line
 	pos     int           // console lines consumed by Section and WaitFor
 	exitErr error         // QEMU's own exit error
+	ran     time.Duration // QEMU start to exit
 
 	done      chan struct{} // QEMU exited and the console is drained
 	closeOnce sync.Once
@@ -306,6 +309,7 @@ func (vm *VM) readConsole(stdout io.Reader, stderr *bytes.Buffer) {
 	}
 	vm.mu.Lock()
 	vm.exitErr = err
+	vm.ran = time.Since(vm.start)
 	vm.mu.Unlock()
 	vm.lg.Debug("guest: qemu exited", "err", err, "after", time.Since(vm.start).Round(time.Millisecond))
 	close(vm.done)
@@ -438,9 +442,7 @@ func (vm *VM) Wait() (Result, error) {
 		Sections: sections(vm.lines),
 		Console:  append([]string(nil), vm.lines...),
 	}
-	if len(vm.marks) > 0 || vm.exitErr == nil {
-		r.Duration = time.Since(vm.start)
-	}
+	r.Duration = vm.ran
 	if vm.exitErr != nil {
 		return r, fmt.Errorf("guest: qemu: %w", vm.exitErr)
 	}
