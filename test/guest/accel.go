@@ -74,7 +74,7 @@ func ProbeAccel(ctx context.Context, img Image, want Accel, lg *slog.Logger) (Ac
 	pctx, cancel := context.WithTimeout(ctx, probeTime)
 	defer cancel()
 	start := time.Now()
-	vm, err := Start(pctx, Config{Image: img, Accel: AccelKVM, Timeout: probeTime, probe: true, Logger: lg})
+	vm, err := Start(pctx, Config{Image: img, Accel: AccelKVM, Timeout: probeTime, BootTimeout: probeTime, probe: true, Logger: lg})
 	if err != nil {
 		return "", err
 	}

@@ -1,6 +1,7 @@
 package guest
 
 import (
+	"bytes"
 	"context"
 	"crypto"
 	"crypto/rsa"
@@ -88,7 +89,7 @@ func TestGuestCard(t *testing.T) {
 	defer vm.Close()
 	t.Cleanup(func() {
 		if t.Failed() {
-			t.Logf("guest console (tail of %s):\n%s", cfg.ConsoleLog, vm.Tail(60))
+			t.Logf("guest console (tail of %s):\n%s", cfg.ConsoleLog, vm.Tail(120))
 			if conn != nil && conn.exited() && !conn.killed {
 				t.Logf("vscard connect exited by itself: %v", conn.err)
 			}
@@ -166,6 +167,7 @@ func TestGuestCard(t *testing.T) {
 		step(t, "modutil")
 		s := step(t, "certutil")
 		t.Logf("guest certutil -L -h all (%s):\n%s", since(), s.Output)
+		idCert, _ := vm.Section(ctx, "coolkey-idcert")
 		ckLog, _ := vm.Section(ctx, "coolkey-log")
 		var missing []string
 		for _, l := range cacLabels {
@@ -173,17 +175,19 @@ func TestGuestCard(t *testing.T) {
 				missing = append(missing, l)
 			}
 		}
-		if len(missing) == len(cacLabels) && !strictKnown && strings.Contains(ckLog.Output, "CAC Select failed") {
-			// Known and not this package's to fix: CoolKey reads the
-			// 52-byte CCC T-buffer with one GET RESPONSE 34, whose 54-byte
-			// answer QEMU 7.2's usb-ccid mangles (peers.md appendix), and it
-			// follows no 61 xx chain, so vscard's split cannot help
-			// (vscard/qemu54.go). Only a card without 52-byte reads can.
-			t.Skipf("KNOWN FAILURE (issue 3 acceptance not met; set %s=1 to fail): CoolKey lists no certificates "+
-				"through QEMU 7.2's usb-ccid (52-byte CCC read, vscard/qemu54.go). CoolKey log tail:\n%s", strictEnv, ckLog.Output)
-		}
+		// CoolKey reads the CCC T-buffer in one GET RESPONSE and follows no
+		// 61 xx chain, so this passes only while the card never needs a
+		// 54-byte answer, which QEMU 7.2's usb-ccid mangles (peers.md
+		// appendix; card/cac default mode avoids it).
 		if len(missing) > 0 {
-			t.Errorf("CoolKey through NSS does not list %q; CoolKey log tail:\n%s", missing, ckLog.Output)
+			t.Fatalf("CoolKey through NSS does not list %q; CoolKey log tail:\n%s", missing, ckLog.Output)
+		}
+		blk, _ := pem.Decode([]byte(idCert.Output))
+		if idCert.Status != 0 || blk == nil {
+			t.Fatalf("certutil -n ID certificate -a (status %d):\n%s", idCert.Status, idCert.Output)
+		}
+		if !bytes.Equal(blk.Bytes, cert.Raw) {
+			t.Errorf("the ID certificate NSS reads through CoolKey differs from the card's id.pem")
 		}
 	})
 	t.Run("sign-20", func(t *testing.T) {
@@ -318,12 +322,6 @@ func verifyPKCS1SHA256(cert *x509.Certificate, data, sig []byte) error {
 	h := sha256.Sum256(data)
 	return rsa.VerifyPKCS1v15(pub, crypto.SHA256, h[:], sig)
 }
-
-// strictEnv turns known failures, which skip by default so CI stays
-// green, into failures.
-const strictEnv = "VSCARD_GUEST_STRICT"
-
-var strictKnown = os.Getenv(strictEnv) == "1"
 
 // proc is a host-side process of the test (vscard connect, vscclient).
 type proc struct {

@@ -309,6 +309,23 @@ func TestRunnerTimeoutKills(t *testing.T) {
 	}
 }
 
+func TestRunnerBootTimeoutKills(t *testing.T) {
+	// A kernel that never reaches /init (KVM on nested PVM) is killed
+	// after BootTimeout, long before the run's Timeout.
+	img := fakeQEMU(t, "exec sleep 600\n")
+	start := time.Now()
+	r, err := Boot(context.Background(), Config{Image: img, Timeout: time.Minute, BootTimeout: 200 * time.Millisecond})
+	if err == nil {
+		t.Fatalf("Boot of a silent guest returned no error: %+v", r)
+	}
+	if d := time.Since(start); d > 10*time.Second {
+		t.Errorf("boot timeout took %v", d)
+	}
+	if !strings.Contains(r.Tail(5), "no init-start") {
+		t.Errorf("console does not say why QEMU was killed:\n%s", r.Tail(5))
+	}
+}
+
 func TestRunnerContextCancelKills(t *testing.T) {
 	img := fakeQEMU(t, "exec sleep 600\n")
 	ctx, cancel := context.WithCancel(context.Background())

@@ -45,6 +45,11 @@ type Config struct {
 	// Timeout bounds the whole run, boot to power-off (default 5 min).
 	// QEMU is killed when it expires.
 	Timeout time.Duration
+	// BootTimeout bounds the time to the guest's first milestone
+	// (init-start; default 60 s, against about 4 s under TCG), so a kernel
+	// that hangs silently, as on KVM over nested PVM (guest-vm.md §7.1),
+	// fails fast even when KVM was forced.
+	BootTimeout time.Duration
 	// ConsoleLog, if set, receives every console line, prefixed with the
 	// host time since QEMU started, and QEMU's own stderr.
 	ConsoleLog string
@@ -142,6 +147,9 @@ func Boot(ctx context.Context, cfg Config) (Result, error) {
 func Start(ctx context.Context, cfg Config) (*VM, error) {
 	if cfg.Timeout <= 0 {
 		cfg.Timeout = 5 * time.Minute
+	}
+	if cfg.BootTimeout <= 0 || cfg.BootTimeout > cfg.Timeout {
+		cfg.BootTimeout = min(60*time.Second, cfg.Timeout)
 	}
 	if cfg.Accel == "" {
 		cfg.Accel = AccelTCG
@@ -243,21 +251,42 @@ func Start(ctx context.Context, cfg Config) (*VM, error) {
 	lg.Debug("guest: qemu started", "accel", cfg.Accel, "pid", cmd.Process.Pid)
 
 	go vm.readConsole(stdout, &stderr)
-	go func() {
-		t := time.NewTimer(cfg.Timeout)
-		defer t.Stop()
+	go vm.watch(ctx)
+	return vm, nil
+}
+
+// watch kills QEMU when ctx is done, the run's Timeout expires, or the
+// guest has not reached /init within BootTimeout.
+func (vm *VM) watch(ctx context.Context) {
+	all := time.NewTimer(vm.cfg.Timeout)
+	defer all.Stop()
+	boot := time.NewTimer(vm.cfg.BootTimeout)
+	defer boot.Stop()
+	kill := func(why string) {
+		vm.lg.Warn("guest: killing qemu", "why", why)
+		vm.appendLine("@@host killing QEMU: " + why)
+		vm.cmd.Process.Kill()
+	}
+	for {
 		select {
 		case <-vm.done:
+			return
 		case <-ctx.Done():
-			lg.Warn("guest: context done; killing qemu")
-			cmd.Process.Kill()
-		case <-t.C:
-			lg.Warn("guest: timeout; killing qemu", "timeout", cfg.Timeout)
-			vm.appendLine(fmt.Sprintf("@@host timeout after %v: killing QEMU", cfg.Timeout))
-			cmd.Process.Kill()
+			kill(ctx.Err().Error())
+			return
+		case <-all.C:
+			kill(fmt.Sprintf("run timeout %v", vm.cfg.Timeout))
+			return
+		case <-boot.C:
+			vm.mu.Lock()
+			booted := len(vm.marks) > 0
+			vm.mu.Unlock()
+			if !booted {
+				kill(fmt.Sprintf("no init-start within %v (accel %s)", vm.cfg.BootTimeout, vm.cfg.Accel))
+				return
+			}
 		}
-	}()
-	return vm, nil
+	}
 }
 
 // chardevArgs turns a Config.Chardev target into QEMU options. nodelay=on

@@ -9,12 +9,14 @@ printf '%s\n' "$PIN" >/tmp/pinfile
 OPENSC=/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so
 COOLKEY=/usr/lib/pkcs11/libcoolkeypk11.so
 p11() { pkcs11-tool --module $OPENSC "$@"; }
+failed=
 step() { # NAME CMD...: run CMD, report its output and status
   n=$1; shift
   echo "@@BEGIN $n"
   "$@" 2>&1
   s=$?
   echo "@@END $n $s"
+  [ $s = 0 ] || failed="$failed $n"
   return $s
 }
 # state NAME absent|present: wait until pcscd reports the card state.
@@ -24,6 +26,7 @@ state() {
   s=$?
   opensc-tool --list-readers 2>&1
   echo "@@END $1 $s"
+  [ $s = 0 ] || failed="$failed $1"
 }
 sign() { p11 --login --pin "$PIN" --sign --id 0001 -m SHA256-RSA-PKCS -i /tmp/data -o "$1"; }
 # signed NAME: sign /tmp/data (retrying while the card comes back) and
@@ -34,6 +37,7 @@ signed() {
   echo "@@BEGIN $1"
   [ $s = 0 ] && base64 </tmp/$1.sig
   echo "@@END $1 $s"
+  [ $s = 0 ] || failed="$failed $1"
 }
 
 # Before any card client connects, QEMU's reader is there and empty.
@@ -43,6 +47,7 @@ s=$?
 opensc-tool --list-readers 2>&1
 has_card && s=1
 echo "@@END no-card $s"
+[ $s = 0 ] || failed="$failed no-card"
 host_wait connect-card
 state card-present present
 step readers opensc-tool --list-readers
@@ -60,6 +65,10 @@ certutil -N -d sql:/tmp/nssdb --empty-password >/dev/null 2>&1
 export COOL_KEY_LOG_FILE=/tmp/coolkey.log
 step modutil modutil -dbdir sql:/tmp/nssdb -add coolkey -libfile $COOLKEY -force
 step certutil certutil -d sql:/tmp/nssdb -L -h all -f /tmp/pinfile
+# The ID certificate as NSS reads it through CoolKey, for the host to
+# compare with the card's (certutil logs in to find it by name).
+nick=$(certutil -d sql:/tmp/nssdb -L -h all -f /tmp/pinfile 2>/dev/null | sed -n 's/^\(.*:CAC ID Certificate\)  *[a-zA-Z]*,[a-zA-Z]*,[a-zA-Z]* *$/\1/p')
+step coolkey-idcert certutil -d sql:/tmp/nssdb -L -h "${nick%%:*}" -f /tmp/pinfile -n "$nick" -a
 step coolkey-log tail -n 25 /tmp/coolkey.log
 unset COOL_KEY_LOG_FILE
 
@@ -90,3 +99,10 @@ signed sig-vscclient
 host_wait connect
 signed sig-connect
 mark steps-done
+# On failure, the guest's pcscd log (with APDUs) ends up in the console
+# tail the host prints.
+if [ -n "$failed" ]; then
+  echo "failed steps:$failed; guest pcscd log tail:"
+  tail -n 80 /tmp/pcscd.log
+  exit 1
+fi
