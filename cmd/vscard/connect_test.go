@@ -575,3 +575,49 @@ func waitFor(t *testing.T, cond func() bool) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// TestCtlDefaultSocket: without --control, connect listens in the default
+// directory and ctl finds the one live socket there.
+func TestCtlDefaultSocket(t *testing.T) {
+	rt, err := os.MkdirTemp("", "rt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(rt)
+	t.Setenv("XDG_RUNTIME_DIR", rt)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var stderr syncBuffer
+	done := make(chan error, 1)
+	go func() {
+		done <- runConnect(ctx, &environ{stdin: strings.NewReader(""), stdout: io.Discard, stderr: &stderr},
+			[]string{"--no-stdin", "tcp:" + ln.Addr().String()})
+	}()
+	h := acceptHost(t, ln)
+	// No card: the reader is announced and no ATR follows.
+	h.expect(tInit)
+	h.expect(tReaderRemove)
+	h.expect(tReaderAdd)
+	var out bytes.Buffer
+	code := run(context.Background(), &environ{stdin: strings.NewReader(""), stdout: &out, stderr: &out}, []string{"ctl", "list"})
+	if code != exitOK || !strings.Contains(out.String(), `reader "vscard": empty`) {
+		t.Errorf("ctl list: exit %d: %s", code, out.String())
+	}
+	out.Reset()
+	code = run(context.Background(), &environ{stdin: strings.NewReader(""), stdout: &out, stderr: &out}, []string{"ctl", "insert"})
+	if code != exitError || !strings.Contains(out.String(), "error: no card to insert") {
+		t.Errorf("ctl insert without card: exit %d: %s", code, out.String())
+	}
+	if fi, err := os.Stat(filepath.Join(rt, "vscard")); err != nil || fi.Mode().Perm() != 0o700 {
+		t.Errorf("default dir: %v %v", fi.Mode(), err)
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}
