@@ -163,13 +163,21 @@ func newPKI(t *testing.T) *pki {
 	sk := newKey()
 	sc := issue(&x509.Certificate{Subject: pkix.Name{CommonName: "qemu"}, DNSNames: []string{"localhost"},
 		IPAddresses: []net.IP{net.ParseIP("127.0.0.1")},
-		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}, KeyUsage: x509.KeyUsageDigitalSignature},
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}, KeyUsage: qemuKeyUsage},
 		p.ca, &sk.PublicKey, caKey)
 	p.serverCert = tls.Certificate{Certificate: [][]byte{sc.Raw}, PrivateKey: sk}
+	// QEMU's tls-creds-x509 reads the server side from the same
+	// directory (TestConnectRealQEMU).
+	writePEM("server-cert.pem", "CERTIFICATE", sc.Raw)
+	skDER, err := x509.MarshalPKCS8PrivateKey(sk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	writePEM("server-key.pem", "PRIVATE KEY", skDER)
 
 	ck := newKey()
 	cc := issue(&x509.Certificate{Subject: pkix.Name{CommonName: "laptop"},
-		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}, KeyUsage: x509.KeyUsageDigitalSignature},
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}, KeyUsage: qemuKeyUsage},
 		p.ca, &ck.PublicKey, caKey)
 	p.certFile = writePEM("client-cert.pem", "CERTIFICATE", cc.Raw)
 	kder, err := x509.MarshalPKCS8PrivateKey(ck)
@@ -179,6 +187,11 @@ func newPKI(t *testing.T) *pki {
 	p.keyFile = writePEM("client-key.pem", "PRIVATE KEY", kder)
 	return p
 }
+
+// qemuKeyUsage is the key usage QEMU's tls-creds-x509 wants on server and
+// client certificates: Go marks the extension critical, and QEMU then
+// refuses a certificate without key encipherment.
+const qemuKeyUsage = x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment
 
 // tlsHost listens like QEMU's chardev with tls-creds-x509,verify-peer=on.
 func (p *pki) tlsHost(t *testing.T) net.Listener {
@@ -554,6 +567,7 @@ func TestConnectUsageErrors(t *testing.T) {
 		{[]string{"connect", "--nss", "/etc/pki/nssdb", "tcp:127.0.0.1:1"}, exitError, "not supported yet (issue 4)"},
 		{[]string{"connect", "--pcsc", "Reader 0", "tcp:127.0.0.1:1"}, exitError, "not supported yet (issue 5)"},
 		{[]string{"connect", "--tls-cert", "x", "tcp:127.0.0.1:1"}, exitUsage, "needs --tls-ca"},
+		{[]string{"qemu-args", "--socket", "unix:/tmp/q.sock", "--tls-dir", "/tmp"}, exitUsage, "QEMU does not support TLS on a unix socket"},
 		{[]string{"connect", "--card", "/nonexistent/card", "--control", "/nonexistent/x.sock", "tcp:127.0.0.1:1"}, exitError, "/nonexistent/card"},
 		{[]string{"ctl"}, exitUsage, "no command"},
 	} {

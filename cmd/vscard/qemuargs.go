@@ -54,6 +54,11 @@ func runQEMUArgs(_ context.Context, env *environ, args []string) error {
 	if *id == "" || strings.ContainsAny(*id, ",= ") {
 		return fmt.Errorf("%w: --id %q: want a plain QEMU id", errUsage, *id)
 	}
+	if *tlsDir != "" && tgt.Network == "unix" {
+		// QEMU 7.2 refuses it: "'tls_creds' option is incompatible with
+		// 'unix' address type" (seen in TestConnectRealQEMU).
+		return fmt.Errorf("%w: QEMU does not support TLS on a unix socket; use --socket tcp:HOST:PORT with --tls-dir, or protect the socket file with its permissions", errUsage)
+	}
 	line, hint := qemuArgs(tgt, *tlsDir, *id)
 	fmt.Fprintln(env.stdout, line)
 	if hint != "" {

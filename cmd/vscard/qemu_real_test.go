@@ -1,0 +1,156 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/vscard/vscard/internal/ctl"
+)
+
+// TestConnectRealQEMU connects "vscard connect" to QEMU 7.2's
+// ccid-card-passthru over every transport QEMU offers: TCP, a unix socket,
+// and TLS against QEMU's tls-creds-x509 with verify-peer=on (peers.md
+// §7.3). QEMU has no TLS on unix sockets ("'tls_creds' option is
+// incompatible with 'unix' address type"), so qemu-args refuses that. QEMU runs paused with no guest OS; it
+// answers the VSCard handshake by itself (peers.md §1.1). The QEMU options
+// come from qemuArgs, so "vscard qemu-args" is checked against QEMU too.
+//
+// It needs VSCARD_E2E=1 and the Debian package qemu-system-x86.
+func TestConnectRealQEMU(t *testing.T) {
+	if os.Getenv("VSCARD_E2E") != "1" {
+		t.Skip("set VSCARD_E2E=1 to run against a real QEMU")
+	}
+	bin, err := exec.LookPath("qemu-system-x86_64")
+	if err != nil {
+		t.Fatal("VSCARD_E2E=1 but qemu-system-x86_64 is not installed (Debian package qemu-system-x86)")
+	}
+	dir := testCard(t)
+	p := newPKI(t)
+	for _, tc := range []struct {
+		name      string
+		unix, tls bool
+	}{
+		{"tcp", false, false},
+		{"unix", true, false},
+		{"tls", false, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var tgt target
+			if tc.unix {
+				// shortSocket's parent directory exists; its own does not.
+				tgt = target{Network: "unix", Addr: filepath.Join(filepath.Dir(filepath.Dir(shortSocket(t))), "q.sock")}
+			} else {
+				ln, err := net.Listen("tcp", "127.0.0.1:0")
+				if err != nil {
+					t.Fatal(err)
+				}
+				tgt = target{Network: "tcp", Addr: ln.Addr().String()}
+				ln.Close()
+			}
+			tlsDir := ""
+			if tc.tls {
+				tlsDir = p.dir
+			}
+			line, _ := qemuArgs(tgt, tlsDir, "ccid")
+			qemu := append([]string{"-M", "q35", "-m", "64", "-nodefaults", "-display", "none", "-nographic",
+				"-accel", "tcg", "-S", "-monitor", "none", "-serial", "none", "-device", "qemu-xhci"},
+				strings.Fields(line)...)
+			var qout syncBuffer
+			cmd := exec.Command(bin, qemu...)
+			cmd.Stdout, cmd.Stderr = &qout, &qout
+			cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+			if err := cmd.Start(); err != nil {
+				t.Fatalf("start QEMU: %v", err)
+			}
+			defer func() { cmd.Process.Kill(); cmd.Wait() }()
+
+			sock := shortSocket(t)
+			trace := filepath.Join(t.TempDir(), "trace.jsonl")
+			args := []string{"--card", dir, "--control", sock, "--no-stdin", "--trace", trace, "--log-level", "debug"}
+			if tc.tls {
+				args = append(args, "--tls-ca", p.caFile, "--tls-cert", p.certFile, "--tls-key", p.keyFile)
+			}
+			args = append(args, tgt.String())
+			var stdout, stderr syncBuffer
+			env := &environ{stdin: strings.NewReader(""), stdout: &stdout, stderr: &stderr}
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			done := make(chan error, 1)
+			go func() { done <- runConnect(ctx, env, args) }()
+
+			// QEMU acknowledges each of ReaderRemove, ReaderAdd and ATR
+			// with Error(ok), after answering Init (peers.md §1.3).
+			waitAcks := func(n int) {
+				t.Helper()
+				deadline := time.Now().Add(30 * time.Second)
+				for {
+					inits, acks := hostMessages(t, trace)
+					if inits >= 1 && acks >= n {
+						return
+					}
+					if time.Now().After(deadline) {
+						t.Fatalf("QEMU sent %d Init and %d Error(ok), want 1 and %d\nvscard log:\n%s\nQEMU:\n%s",
+							inits, acks, n, stderr.String(), qout.String())
+					}
+					time.Sleep(20 * time.Millisecond)
+				}
+			}
+			waitAcks(3)
+			if a, err := ctl.Send(ctx, sock, "remove"); err != nil || a != "card removed\n" {
+				t.Fatalf("ctl remove: %q, %v", a, err)
+			}
+			waitAcks(4)
+			if a, err := ctl.Send(ctx, sock, "insert"); err != nil || a != "card inserted\n" {
+				t.Fatalf("ctl insert: %q, %v", a, err)
+			}
+			waitAcks(5)
+			cancel() // SIGTERM: CardRemove and ReaderRemove, both acknowledged
+			select {
+			case err := <-done:
+				if err != nil {
+					t.Fatalf("vscard connect: %v\n%s", err, stderr.String())
+				}
+			case <-time.After(20 * time.Second):
+				t.Fatal("vscard connect did not stop")
+			}
+			waitAcks(7)
+		})
+	}
+}
+
+// hostMessages counts the Init and Error(ok) messages the trace recorded
+// from the host.
+func hostMessages(t *testing.T, trace string) (inits, acks int) {
+	t.Helper()
+	b, err := os.ReadFile(trace)
+	if err != nil {
+		return 0, 0
+	}
+	sc := bufio.NewScanner(bytes.NewReader(b))
+	for sc.Scan() {
+		var l struct{ Dir, Type, Cmd string }
+		if json.Unmarshal(sc.Bytes(), &l) != nil || l.Dir != "in" {
+			continue
+		}
+		switch {
+		case l.Type == "Init":
+			inits++
+		case l.Type == "Error" && l.Cmd == "00000000":
+			acks++
+		case l.Type == "Error":
+			t.Fatalf("QEMU refused a message: %s", fmt.Sprint(l))
+		}
+	}
+	return inits, acks
+}
