@@ -85,7 +85,7 @@ func TestRunExitCodes(t *testing.T) {
 		{[]string{"host"}, exitUsage, "usage"},
 		{append(many, "h", "1"), exitTooMany, "too many certs (max = 100)"},
 		{[]string{"-p", "h", "1"}, exitError, "not supported yet (issue 5)"},
-		{[]string{"-e", "bogus", "h", "1"}, exitError, `Unknown smartcard specification "bogus"`},
+		{[]string{"-e", "bogus", "h", "1"}, exitError, `Error: Unknown smartcard specification. ("bogus")`},
 		{[]string{"-h"}, exitOK, "stdin commands"},
 	} {
 		var out bytes.Buffer

@@ -15,16 +15,17 @@
 //	passthru            use_hw=yes hw_type=PASSTHRU
 //
 // Anything else is an "Unknown smartcard specification", and the whole string
-// is rejected, as libcacard rejects it.
+// is rejected, as libcacard rejects it. Every error message starts with the
+// sentence libcacard prints for the same mistake ("Error: invalid smartcard
+// type 'PIV'.", "Error: redefinition of db= is not allowed.", ...) and adds
+// what was wrong in parentheses.
 //
 // # Differences from libcacard
 //
 // libcacard compares hw_type= against the entire rest of the string, so it only
 // works as the last item (protocols.md §2.2); this parser reads the value up to
 // the next separator, so every string libcacard accepts parses the same here,
-// and a few it rejects (hw_type= followed by more items) are accepted. An
-// unknown soft card type, which libcacard carries as "no type" until the card
-// fails later, is reported here at parse time.
+// and a few it rejects (hw_type= followed by more items) are accepted.
 package emuopts
 
 import (
@@ -95,11 +96,20 @@ const (
 	MaxCerts = 100
 )
 
-// ErrSyntax is wrapped by every parse error.
-var ErrSyntax = errors.New("emuopts: invalid smartcard specification")
+// ErrSyntax matches every parse error (errors.Is).
+var ErrSyntax = errors.New("emuopts: invalid emulator options")
 
+// syntaxError reads like libcacard's message: "Error: <sentence>".
+type syntaxError string
+
+func (e syntaxError) Error() string        { return "Error: " + string(e) }
+func (e syntaxError) Is(target error) bool { return target == ErrSyntax }
+
+// syntaxErr starts each message with libcacard's own sentence (its
+// vcard_emul_options prints "Error: <sentence>" and fails), then adds what
+// vscard knows about the mistake in parentheses.
 func syntaxErr(format string, a ...any) error {
-	return fmt.Errorf("%w: %s", ErrSyntax, fmt.Sprintf(format, a...))
+	return syntaxError(fmt.Sprintf(format, a...))
 }
 
 // isSpace is C's isspace in the "C" locale, which libcacard's strip() uses.
@@ -155,7 +165,7 @@ func Parse(s string) (*Options, error) {
 			}
 		case strings.HasPrefix(rest, "hw_params="):
 			if hwParamsGiven {
-				return nil, syntaxErr("hw_params= given twice")
+				return nil, syntaxErr("redefinition of hw_params= is not allowed.")
 			}
 			hwParamsGiven = true
 			// Runs to the next whitespace only: a comma is part of the value.
@@ -167,16 +177,16 @@ func Parse(s string) (*Options, error) {
 			o.HWParams, rest = r[:i], r[i:]
 		case strings.HasPrefix(rest, "db="):
 			if o.DBGiven {
-				return nil, syntaxErr("db= given twice")
+				return nil, syntaxErr("redefinition of db= is not allowed.")
 			}
 			r := stripSpace(rest[len("db="):])
 			if !strings.HasPrefix(r, `"`) {
-				return nil, syntaxErr("you must quote the file path: db=\"<path>\"")
+				return nil, syntaxErr("you must quote the file path. (db=\"<path>\")")
 			}
 			r = r[1:]
 			end := strings.IndexAny(r, "\"\n")
 			if end < 0 {
-				return nil, syntaxErr("missing closing quote after db=\"%s", r)
+				return nil, syntaxErr("invalid db argument. (no closing quote after db=\"%s)", r)
 			}
 			o.DB, o.DBGiven = r[:end], true
 			rest = r[end+1:]
@@ -188,7 +198,7 @@ func Parse(s string) (*Options, error) {
 			rest = rest[len("passthru"):]
 		default:
 			w, _ := word(rest)
-			return nil, syntaxErr("Unknown smartcard specification %q", w)
+			return nil, syntaxErr("Unknown smartcard specification. (%q)", w)
 		}
 	}
 	return o, nil
@@ -228,7 +238,7 @@ func cardType(v string) (string, error) {
 	case TypePassthru:
 		return TypePassthru, nil
 	}
-	return "", syntaxErr("unknown card type %q: want CAC or PASSTHRU", v)
+	return "", syntaxErr("invalid smartcard type '%s'. (want CAC or PASSTHRU)", v)
 }
 
 // parseSoft parses "(slot,reader,type,params,cert...)" and returns the rest
@@ -238,7 +248,7 @@ func parseSoft(s string) (Soft, string, error) {
 	var sc Soft
 	s = stripSpace(s)
 	if !strings.HasPrefix(s, "(") {
-		return sc, "", syntaxErr("soft= must be followed by '(': soft=(slot,reader,type,params,cert1,...)")
+		return sc, "", syntaxErr("invalid soft specification. (soft= must be followed by '(': soft=(slot,reader,type,params,cert1,...))")
 	}
 	s = s[1:]
 	// next returns the token up to ',' or ')' and the delimiter.
@@ -261,7 +271,7 @@ func parseSoft(s string) (Soft, string, error) {
 		}
 		*f = tok
 		if d == ')' {
-			return sc, "", syntaxErr("soft=(...) ends after the %s: want (slot,reader,type,params,cert1,...) with at least one certificate", names[i])
+			return sc, "", syntaxErr("missing cert specification. (soft=(...) ends after the %s: want (slot,reader,type,params,cert1,...))", names[i])
 		}
 	}
 	t, err := cardType(sc.Type)

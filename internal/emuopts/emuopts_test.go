@@ -101,19 +101,19 @@ func TestParseUseHW(t *testing.T) {
 
 func TestParseErrors(t *testing.T) {
 	for _, tc := range []struct{ in, want string }{
-		{`foo`, `Unknown smartcard specification "foo"`},
-		{`use_hw=no bogus=1`, `Unknown smartcard specification "bogus=1"`},
-		{`passthrux`, `Unknown smartcard specification "passthrux"`},
+		{`foo`, `Error: Unknown smartcard specification. ("foo")`},
+		{`use_hw=no bogus=1`, `Error: Unknown smartcard specification. ("bogus=1")`},
+		{`passthrux`, `Error: Unknown smartcard specification. ("passthrux")`},
 		{`db=/etc/pki/nssdb`, `you must quote the file path`},
-		{`db="/x`, `missing closing quote`},
-		{`db="/a" db="/b"`, `db= given twice`},
-		{`hw_params=a hw_params=b`, `hw_params= given twice`},
-		{`hw_type=PIV`, `unknown card type "PIV"`},
+		{`db="/x`, `Error: invalid db argument.`},
+		{`db="/a" db="/b"`, `Error: redefinition of db= is not allowed.`},
+		{`hw_params=a hw_params=b`, `Error: redefinition of hw_params= is not allowed.`},
+		{`hw_type=PIV`, `Error: invalid smartcard type 'PIV'.`},
 		{`soft=,Test,CAC,,a)`, `must be followed by '('`},
 		{`soft=(,Test,CAC,)`, `ends after the type parameters`},
 		{`soft=(,Test)`, `ends after the reader name`},
 		{`soft=(,Test,CAC,,a,b`, `missing ')'`},
-		{`soft=(,Test,PIV,,a)`, `unknown card type "PIV"`},
+		{`soft=(,Test,PIV,,a)`, `Error: invalid smartcard type 'PIV'.`},
 		{strings.Repeat("soft=(,R,CAC,,a) ", MaxSoft+1), `more than 16 soft=`},
 		{`soft=(,R,CAC,,` + strings.Repeat("a,", MaxCerts) + `a)`, `more than 100 certificates`},
 	} {
