@@ -12,6 +12,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"flag"
+	"github.com/vscard/vscard/internal/fakehost"
 	"io"
 	"log/slog"
 	"math/big"
@@ -435,12 +436,12 @@ func TestConnectLifecycle(t *testing.T) {
 			"--trace", trace, "--log-level", "debug", "tcp:" + ln.Addr().String()})
 	}()
 
-	h := acceptHost(t, ln)
-	atr := h.handshake("Test Reader")
+	h := fakehost.Accept(t, ln)
+	atr := h.Handshake("Test Reader")
 	if len(atr) < 2 || atr[0] != 0x3B {
 		t.Errorf("ATR % x", atr)
 	}
-	if got := h.apdu(selectACA); !bytes.Equal(got, []byte{0x61, 0x0D}) {
+	if got := h.APDU(fakehost.SelectACA); !bytes.Equal(got, []byte{0x61, 0x0D}) {
 		t.Errorf("SELECT ACA: % x, want 61 0d", got)
 	}
 
@@ -455,14 +456,14 @@ func TestConnectLifecycle(t *testing.T) {
 	if a := send("remove"); a != "card removed\n" {
 		t.Errorf("remove: %q", a)
 	}
-	h.expect(tCardRemove)
+	h.Expect(fakehost.TCardRemove)
 	if a := send("remove"); !ctl.IsError(a) {
 		t.Errorf("second remove: %q", a)
 	}
 	if a := send("insert"); a != "card inserted\n" {
 		t.Errorf("insert: %q", a)
 	}
-	if got := h.expect(tATR).payload; !bytes.Equal(got, atr) {
+	if got := h.Expect(fakehost.TATR).Payload; !bytes.Equal(got, atr) {
 		t.Errorf("ATR after insert % x, want % x", got, atr)
 	}
 	if a := send("status"); !strings.Contains(a, "link: connected") || !strings.Contains(a, "card: inserted") || !strings.Contains(a, "apdus: 1") {
@@ -487,9 +488,9 @@ func TestConnectLifecycle(t *testing.T) {
 
 	// SIGTERM (the signal context of main) = ctx cancelled.
 	cancel()
-	h.expect(tCardRemove)
-	h.expect(tReaderRemove)
-	h.expectClose()
+	h.Expect(fakehost.TCardRemove)
+	h.Expect(fakehost.TReaderRemove)
+	h.ExpectClose()
 	select {
 	case err := <-done:
 		if err != nil {
@@ -526,8 +527,8 @@ func TestConnectQuitCommand(t *testing.T) {
 	go func() {
 		done <- runConnect(context.Background(), env, []string{"--card", dir, "--control", sock, "tcp:" + ln.Addr().String()})
 	}()
-	h := acceptHost(t, ln)
-	h.handshake("vscard")
+	h := fakehost.Accept(t, ln)
+	h.Handshake("vscard")
 	var code int
 	var out bytes.Buffer
 	code = run(context.Background(), &environ{stdin: strings.NewReader(""), stdout: &out, stderr: &out},
@@ -535,9 +536,9 @@ func TestConnectQuitCommand(t *testing.T) {
 	if code != exitOK {
 		t.Errorf("ctl quit: exit %d: %s", code, out.String())
 	}
-	h.expect(tCardRemove)
-	h.expect(tReaderRemove)
-	h.expectClose()
+	h.Expect(fakehost.TCardRemove)
+	h.Expect(fakehost.TReaderRemove)
+	h.ExpectClose()
 	select {
 	case err := <-done:
 		if err != nil {
@@ -612,11 +613,11 @@ func TestCtlDefaultSocket(t *testing.T) {
 		done <- runConnect(ctx, &environ{stdin: strings.NewReader(""), stdout: io.Discard, stderr: &stderr},
 			[]string{"--no-stdin", "tcp:" + ln.Addr().String()})
 	}()
-	h := acceptHost(t, ln)
+	h := fakehost.Accept(t, ln)
 	// No card: the reader is announced and no ATR follows.
-	h.expect(tInit)
-	h.expect(tReaderRemove)
-	h.expect(tReaderAdd)
+	h.Expect(fakehost.TInit)
+	h.Expect(fakehost.TReaderRemove)
+	h.Expect(fakehost.TReaderAdd)
 	var out bytes.Buffer
 	code := run(context.Background(), &environ{stdin: strings.NewReader(""), stdout: &out, stderr: &out}, []string{"ctl", "list"})
 	if code != exitOK || !strings.Contains(out.String(), `reader "vscard": empty`) {

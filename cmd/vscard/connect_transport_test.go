@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"github.com/vscard/vscard/internal/fakehost"
 	"net"
 	"os"
 	"os/exec"
@@ -62,24 +63,24 @@ func TestConnectTransports(t *testing.T) {
 			args := append([]string{"--card", dir, "--control", shortSocket(t)}, extra...)
 			go func() { done <- runConnect(ctx, env, append(args, tgt)) }()
 
-			h := acceptHost(t, ln)
-			atr := h.handshake("vscard")
-			if got := h.apdu(selectACA); !bytes.Equal(got, []byte{0x61, 0x0D}) {
+			h := fakehost.Accept(t, ln)
+			atr := h.Handshake("vscard")
+			if got := h.APDU(fakehost.SelectACA); !bytes.Equal(got, []byte{0x61, 0x0D}) {
 				t.Errorf("SELECT ACA: % x", got)
 			}
 			// QEMU goes away: the client must come back by itself.
-			h.conn.Close()
-			h2 := acceptHost(t, ln)
-			if got := h2.handshake("vscard"); !bytes.Equal(got, atr) {
+			h.Close()
+			h2 := fakehost.Accept(t, ln)
+			if got := h2.Handshake("vscard"); !bytes.Equal(got, atr) {
 				t.Errorf("ATR after reconnect % x, want % x", got, atr)
 			}
-			if got := h2.apdu(selectACA); !bytes.Equal(got, []byte{0x61, 0x0D}) {
+			if got := h2.APDU(fakehost.SelectACA); !bytes.Equal(got, []byte{0x61, 0x0D}) {
 				t.Errorf("SELECT ACA after reconnect: % x", got)
 			}
 			cancel()
-			h2.expect(tCardRemove)
-			h2.expect(tReaderRemove)
-			h2.expectClose()
+			h2.Expect(fakehost.TCardRemove)
+			h2.Expect(fakehost.TReaderRemove)
+			h2.ExpectClose()
 			select {
 			case err := <-done:
 				if err != nil {
@@ -116,8 +117,8 @@ func TestConnectSIGTERM(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer cmd.Process.Kill()
-	h := acceptHost(t, ln)
-	h.handshake("vscard")
+	h := fakehost.Accept(t, ln)
+	h.Handshake("vscard")
 	before := procCPU(t, cmd.Process.Pid)
 	time.Sleep(500 * time.Millisecond)
 	if used := procCPU(t, cmd.Process.Pid) - before; used > 100*time.Millisecond {
@@ -132,9 +133,9 @@ func TestConnectSIGTERM(t *testing.T) {
 	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
-	h.expect(tCardRemove)
-	h.expect(tReaderRemove)
-	h.expectClose()
+	h.Expect(fakehost.TCardRemove)
+	h.Expect(fakehost.TReaderRemove)
+	h.ExpectClose()
 	if err := cmd.Wait(); err != nil {
 		t.Errorf("exit after SIGTERM: %v\n%s", err, stderr.String())
 	}

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"github.com/vscard/vscard/internal/fakehost"
 	"io"
 	"log/slog"
 	"net"
@@ -217,9 +218,9 @@ func TestSession(t *testing.T) {
 		done <- run(context.Background(), []string{"-e", `db="sql:` + dir + `" use_hw=no soft=(,Test,CAC,,id,sign,enc)`, host, port},
 			stdinR, &stdout, &stderr)
 	}()
-	h := acceptHost(t, ln)
-	atr := h.handshake("Test")
-	if got := h.apdu(selectACA); !bytes.Equal(got, []byte{0x61, 0x0D}) {
+	h := fakehost.Accept(t, ln)
+	atr := h.Handshake("Test")
+	if got := h.APDU(fakehost.SelectACA); !bytes.Equal(got, []byte{0x61, 0x0D}) {
 		t.Errorf("SELECT ACA: % x, want 61 0d", got)
 	}
 	cmd := func(line, want string) {
@@ -230,11 +231,11 @@ func TestSession(t *testing.T) {
 	}
 	cmd("list", "  0 CARD_PRESENT Test")
 	cmd("remove", "card removed")
-	h.expect(tCardRemove)
+	h.Expect(fakehost.TCardRemove)
 	cmd("remove 0", "error: no card inserted")
 	cmd("list", "  0              Test")
 	cmd("insert 0", "card inserted")
-	if got := h.expect(tATR).payload; !bytes.Equal(got, atr) {
+	if got := h.Expect(fakehost.TATR).Payload; !bytes.Equal(got, atr) {
 		t.Errorf("ATR after insert % x, want % x", got, atr)
 	}
 	cmd("insert 7", "error: no reader with id 7")
@@ -242,9 +243,9 @@ func TestSession(t *testing.T) {
 	cmd("debug 2", "debug level = 2")
 	cmd("help", "commands: insert [id]")
 	cmd("exit", "> ")
-	h.expect(tCardRemove)
-	h.expect(tReaderRemove)
-	h.expectClose()
+	h.Expect(fakehost.TCardRemove)
+	h.Expect(fakehost.TReaderRemove)
+	h.ExpectClose()
 	select {
 	case code := <-done:
 		if code != exitOK {
@@ -281,9 +282,9 @@ func TestSIGTERM(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer cmd.Process.Kill()
-	h := acceptHost(t, ln)
-	h.handshake("Virtual Reader")
-	if got := h.apdu(selectACA); !bytes.Equal(got, []byte{0x61, 0x0D}) {
+	h := fakehost.Accept(t, ln)
+	h.Handshake("Virtual Reader")
+	if got := h.APDU(fakehost.SelectACA); !bytes.Equal(got, []byte{0x61, 0x0D}) {
 		t.Errorf("SELECT ACA: % x", got)
 	}
 	// stdin is at EOF: measure the CPU the process uses while idle.
@@ -295,9 +296,9 @@ func TestSIGTERM(t *testing.T) {
 	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
-	h.expect(tCardRemove)
-	h.expect(tReaderRemove)
-	h.expectClose()
+	h.Expect(fakehost.TCardRemove)
+	h.Expect(fakehost.TReaderRemove)
+	h.ExpectClose()
 	if err := cmd.Wait(); err != nil {
 		t.Errorf("exit after SIGTERM: %v\n%s", err, stderr.String())
 	}
