@@ -157,3 +157,27 @@ func BenchmarkParse(b *testing.B) {
 		}
 	}
 }
+
+func TestRedact(t *testing.T) {
+	for _, tt := range []struct {
+		in, want string
+		n        int
+	}{
+		{"00200000083132333435363738", "00200000", 9},
+		{"00240080103132333435363738FFFFFFFF3132333435363738", "00240080", 21},
+		{"002C0080103132333435363738FFFFFFFF3132333435363738", "002C0080", 21},
+		{"8020000008FFFFFFFFFFFFFFFF", "80200000", 9},
+		{"0020000000", "00200000", 1},
+		{"00200000", "00200000", 0},
+		{"00A4040007A0000000790100", "00A4040007A0000000790100", 0},
+	} {
+		in, _ := ParseHex(tt.in)
+		got, n := Redact(in)
+		if hexOf(got) != tt.want || n != tt.n {
+			t.Errorf("Redact(%s) = %X, %d; want %s, %d", tt.in, got, n, tt.want, tt.n)
+		}
+		if len(got) > 0 && &got[0] == &in[0] {
+			t.Errorf("Redact(%s) aliases its input", tt.in)
+		}
+	}
+}

@@ -7,6 +7,8 @@ import (
 	"strconv"
 	"sync"
 	"time"
+
+	"github.com/vscard/vscard/apdu"
 )
 
 // Event is the kind of message a TraceEvent records.
@@ -48,16 +50,6 @@ type TraceEvent struct {
 	Err      error  // the card's Transmit error, if any
 }
 
-// pinINS reports whether ins is a command whose data field carries PIN or
-// PUK bytes, which must never reach a trace (project rule: never log PINs).
-func pinINS(ins byte) bool {
-	switch ins {
-	case 0x20, 0x24, 0x2C:
-		return true
-	}
-	return false
-}
-
 func newAPDUEvent(start time.Time, cmd, resp []byte, err error) TraceEvent {
 	e := TraceEvent{
 		Time:     start,
@@ -66,12 +58,7 @@ func newAPDUEvent(start time.Time, cmd, resp []byte, err error) TraceEvent {
 		Response: append([]byte(nil), resp...),
 		Err:      err,
 	}
-	if len(cmd) > 4 && pinINS(cmd[1]) {
-		e.Command = append([]byte(nil), cmd[:4]...)
-		e.Redacted = len(cmd) - 4
-	} else {
-		e.Command = append([]byte(nil), cmd...)
-	}
+	e.Command, e.Redacted = apdu.Redact(cmd)
 	return e
 }
 

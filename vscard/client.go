@@ -7,6 +7,7 @@ import (
 
 	"context"
 	"errors"
+	"github.com/vscard/vscard/apdu"
 	"github.com/vscard/vscard/internal/netutil"
 	"log/slog"
 	"net"
@@ -619,7 +620,7 @@ func (s *session) traceIn(m Message, resp []byte, start time.Time) {
 	}
 	e := TraceEvent{Time: start, Dir: "in", Type: m.Type, ReaderID: m.ReaderID, Duration: time.Since(start)}
 	if m.Type == MsgAPDU {
-		e.Command, e.Redacted = redactedCommand(m.Payload)
+		e.Command, e.Redacted = apdu.Redact(m.Payload)
 	} else {
 		e.Command = append([]byte(nil), m.Payload...)
 	}
@@ -630,7 +631,7 @@ func (s *session) traceIn(m Message, resp []byte, start time.Time) {
 func (s *session) traceInErr(m Message, start time.Time, err error) {
 	if tr := s.c.o.Trace; tr != nil {
 		e := TraceEvent{Time: start, Dir: "in", Type: m.Type, ReaderID: m.ReaderID, Duration: time.Since(start), Err: err}
-		e.Command, e.Redacted = redactedCommand(m.Payload)
+		e.Command, e.Redacted = apdu.Redact(m.Payload)
 		tr(e)
 	}
 }

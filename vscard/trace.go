@@ -33,25 +33,6 @@ type TraceEvent struct {
 	Err      error         // the card's error, if any
 }
 
-// pinINS reports whether ins is a command whose data field carries a PIN
-// or PUK.
-func pinINS(ins byte) bool {
-	switch ins {
-	case 0x20, 0x24, 0x2C:
-		return true
-	}
-	return false
-}
-
-// redactedCommand copies cmd for a trace, dropping the data of PIN
-// commands.
-func redactedCommand(cmd []byte) (kept []byte, redacted int) {
-	if len(cmd) > 4 && pinINS(cmd[1]) {
-		return append([]byte(nil), cmd[:4]...), len(cmd) - 4
-	}
-	return append([]byte(nil), cmd...), 0
-}
-
 // traceLine is the JSON form of a TraceEvent: byte strings in upper-case
 // hex, as APDUs are written in pcscd, OpenSC and vpcd traces.
 type traceLine struct {
