@@ -2,10 +2,13 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"context"
+	"crypto"
 	"crypto/sha256"
 	"crypto/x509"
 	"encoding/hex"
+	"encoding/pem"
 	"errors"
 	"flag"
 	"fmt"
@@ -15,12 +18,18 @@ import (
 	"strings"
 	"time"
 
+	"github.com/vscard/vscard/internal/secret"
+	"github.com/vscard/vscard/token"
+	"github.com/vscard/vscard/token/nss"
+	"github.com/vscard/vscard/token/pkcs12"
 	"github.com/vscard/vscard/token/store"
 )
 
 const cardUsage = `usage: vscard card new DIR [--cn NAME] [--pin PIN] [--key rsa2048|rsa3072|rsa1024] [--pin-tries N]
-       vscard card import DIR (--cert FILE --key FILE | --pem FILE)... [--ca FILE] [--pin PIN] [--pin-tries N]
+       vscard card import DIR (--cert FILE --key FILE | --pem FILE | --p12 FILE)... [--nss DB --certs NICKS]
+                          [--password-file FILE] [--ca FILE] [--pin PIN | --pin-file FILE] [--pin-tries N]
        vscard card show DIR
+       vscard card export-ca DIR [--out FILE] [--der]
 
 PIN "-" reads the PIN from the first line of standard input (keeps it out of
 the shell history and the process list).`
@@ -29,7 +38,7 @@ the shell history and the process list).`
 func runCard(ctx context.Context, env *environ, args []string) error {
 	if len(args) == 0 {
 		fmt.Fprintln(env.stderr, cardUsage)
-		return fmt.Errorf("%w: missing subcommand (new, import or show)", errUsage)
+		return fmt.Errorf("%w: missing subcommand (new, import, show or export-ca)", errUsage)
 	}
 	switch args[0] {
 	case "new":
@@ -38,12 +47,14 @@ func runCard(ctx context.Context, env *environ, args []string) error {
 		return runCardImport(ctx, env, args[1:])
 	case "show":
 		return runCardShow(ctx, env, args[1:])
+	case "export-ca":
+		return runCardExportCA(ctx, env, args[1:])
 	case "-h", "-help", "--help", "help":
 		fmt.Fprintln(env.stdout, cardUsage)
 		return flag.ErrHelp
 	}
 	fmt.Fprintln(env.stderr, cardUsage)
-	return fmt.Errorf("%w: unknown subcommand %q (want new, import or show)", errUsage, args[0])
+	return fmt.Errorf("%w: unknown subcommand %q (want new, import, show or export-ca)", errUsage, args[0])
 }
 
 // parseInterspersed parses flags that may come before or after the
@@ -168,34 +179,253 @@ func runCardNew(_ context.Context, env *environ, args []string) error {
 
 func validKey(k string) bool { return slices.Contains(store.KeyTypes(), k) }
 
-// inputFile is one --cert, --key or --pem argument.
+// inputFile is one --cert, --key, --pem or --p12 argument.
 type inputFile struct {
 	path          string
 	asCert, asKey bool
+	p12           bool
 }
 
 // inputFlag is a repeatable flag appending to a list shared by --cert,
-// --key and --pem, so certificates keep their command-line order whichever
-// flag brought them.
+// --key, --pem and --p12, so certificates keep their command-line order
+// whichever flag brought them.
 type inputFlag struct {
 	list          *[]inputFile
 	asCert, asKey bool
+	p12           bool
 }
 
 func (f inputFlag) String() string { return "" }
 func (f inputFlag) Set(v string) error {
-	*f.list = append(*f.list, inputFile{v, f.asCert, f.asKey})
+	*f.list = append(*f.list, inputFile{v, f.asCert, f.asKey, f.p12})
 	return nil
 }
 
+// Environment variables for the secrets of card import (see
+// internal/secret for the order: file flag, then variable, then prompt).
+const (
+	envPassword = "VSCARD_PASSWORD"
+	envPIN      = "VSCARD_PIN"
+)
+
+// terminalFor returns where to prompt for secrets: env.stdin itself when it
+// can read secrets (tests inject one), else the process's terminal, or nil
+// when stdin is not one.
+func terminalFor(env *environ) secret.Terminal {
+	if t, ok := env.stdin.(secret.Terminal); ok {
+		return t
+	}
+	return secret.Stdin(env.stdin, env.stderr)
+}
+
+// readSmallFile reads a certificate, key or PKCS#12 file. They are small;
+// 1 MiB bounds a wrong file.
+func readSmallFile(f string) ([]byte, error) {
+	fh, err := os.Open(f)
+	if err != nil {
+		return nil, err
+	}
+	defer fh.Close()
+	b, err := io.ReadAll(io.LimitReader(fh, 1<<20+1))
+	if err != nil {
+		return nil, err
+	}
+	if len(b) > 1<<20 {
+		return nil, fmt.Errorf("%s: larger than 1 MiB; is it a certificate?", f)
+	}
+	return b, nil
+}
+
+// keyPEM encodes a private key as PKCS#8 PEM, the form store.Import
+// reads.
+func keyPEM(k crypto.PrivateKey) ([]byte, error) {
+	der, err := x509.MarshalPKCS8PrivateKey(k)
+	if err != nil {
+		return nil, err
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), nil
+}
+
+func certPEM(c *x509.Certificate) []byte {
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})
+}
+
+// hasKey reports whether one of keys is the private half of c.
+func hasKey(c *x509.Certificate, keys []crypto.PrivateKey) bool {
+	pub, ok := c.PublicKey.(interface{ Equal(crypto.PublicKey) bool })
+	if !ok {
+		return false
+	}
+	for _, k := range keys {
+		if s, ok := k.(crypto.Signer); ok && pub.Equal(s.Public()) {
+			return true
+		}
+	}
+	return false
+}
+
+// importSources gathers what runCardImport feeds to store.Import.
+type importSources struct {
+	env     *environ
+	pwFile  string
+	opts    *store.ImportOptions
+	chain   []*x509.Certificate // PKCS#12 certificates without their key
+	tried   []string            // passwords that opened an earlier file
+	pwGiven bool
+}
+
+func (s *importSources) passwordSource(what string) secret.Source {
+	return secret.Source{What: what, File: s.pwFile, FileFlag: "--password-file", EnvVar: envPassword, Terminal: terminalFor(s.env)}
+}
+
+// addP12 decodes one PKCS#12 file. Without a password from file or
+// environment it first tries the passwords that opened earlier files and
+// the empty password (`openssl pkcs12 -export -passout pass:` makes
+// those), and prompts only if they fail.
+func (s *importSources) addP12(path string) error {
+	data, err := readSmallFile(path)
+	if err != nil {
+		return err
+	}
+	src := s.passwordSource("PKCS#12 password for " + path)
+	var b *pkcs12.Bundle
+	if !src.Given() {
+		for _, pw := range append([]string{""}, s.tried...) {
+			if b, err = pkcs12.Decode(data, pw); !errors.Is(err, pkcs12.ErrWrongPassword) {
+				break
+			}
+		}
+	}
+	if b == nil && (err == nil || errors.Is(err, pkcs12.ErrWrongPassword)) {
+		pw, perr := src.Get()
+		if perr != nil {
+			return perr
+		}
+		if b, err = pkcs12.Decode(data, pw); err == nil {
+			s.tried = append(s.tried, pw)
+		}
+	}
+	if errors.Is(err, pkcs12.ErrWrongPassword) {
+		return fmt.Errorf("wrong PKCS#12 password for %s", path)
+	}
+	if err != nil {
+		return fmt.Errorf("%s: %w", path, err)
+	}
+	if len(b.Keys) == 0 {
+		return fmt.Errorf("%s: no private key in the PKCS#12 file", path)
+	}
+	for _, k := range b.Keys {
+		kp, err := keyPEM(k)
+		if err != nil {
+			return fmt.Errorf("%s: %w", path, err)
+		}
+		s.opts.Keys = append(s.opts.Keys, kp)
+	}
+	// The certificates with a key become credentials, in file order;
+	// the others (the chain) are candidates for the CA.
+	for _, c := range b.Certs {
+		if hasKey(c, b.Keys) {
+			s.opts.Certs = append(s.opts.Certs, certPEM(c))
+		} else {
+			s.chain = append(s.chain, c)
+		}
+	}
+	return nil
+}
+
+// addNSS takes the certificates nicknames from an NSS database, with
+// their keys decrypted by the database password.
+func (s *importSources) addNSS(dir string, nicknames []string) error {
+	db, err := nss.Open(dir, nil)
+	if err != nil {
+		return err
+	}
+	defer db.Close()
+	tok, err := db.Token(nicknames)
+	if err != nil {
+		return err
+	}
+	var pw string
+	if db.NeedsPassword() {
+		if pw, err = s.passwordSource("NSS database password for " + dir).Get(); err != nil {
+			return err
+		}
+	}
+	if err := tok.Unlock([]byte(pw)); err != nil {
+		if errors.Is(err, token.ErrPINIncorrect) {
+			return fmt.Errorf("wrong NSS database password for %s", dir)
+		}
+		return err
+	}
+	keys, err := tok.PrivateKeys()
+	if err != nil {
+		return err
+	}
+	for i, cr := range tok.Credentials() {
+		kp, err := keyPEM(keys[i])
+		if err != nil {
+			return fmt.Errorf("%s: %s: %w", dir, cr.Label, err)
+		}
+		s.opts.Certs = append(s.opts.Certs, certPEM(cr.Cert))
+		s.opts.Keys = append(s.opts.Keys, kp)
+	}
+	return nil
+}
+
+// chainCA picks the CA from PKCS#12 chain certificates when --ca was not
+// given: the one that issued the first credential, so `card export-ca`
+// has something to export.
+func chainCA(first []byte, chain []*x509.Certificate) *x509.Certificate {
+	blk, _ := pem.Decode(first)
+	if blk == nil {
+		return nil
+	}
+	leaf, err := x509.ParseCertificate(blk.Bytes)
+	if err != nil {
+		return nil
+	}
+	// Not CheckSignatureFrom: `certutil -S -x` (the QEMU recipe) makes a
+	// CA without basicConstraints, which it would refuse.
+	for _, c := range chain {
+		if bytes.Equal(leaf.RawIssuer, c.RawSubject) && c.CheckSignature(leaf.SignatureAlgorithm, leaf.RawTBSCertificate, leaf.Signature) == nil {
+			return c
+		}
+	}
+	return nil
+}
+
+const importUsage = `usage: vscard card import DIR SOURCE... [flags]
+
+Makes a card from existing certificates and keys. The certificates keep
+their order (the first is the identity certificate); each gets the key
+that matches it, so --key files may come in any order. Sources:
+
+  --cert FILE --key FILE   PEM certificate and key (PKCS#1, PKCS#8 or SEC1)
+  --pem FILE               PEM file holding certificate(s) and key(s)
+  --p12 FILE               PKCS#12 file (openssl pkcs12 -export, NSS pk12util -o)
+  --nss sql:DIR --certs NICK1,NICK2,...
+                           certificates and keys from an NSS database
+
+Passwords (PKCS#12, NSS database) come from --password-file FILE, else the
+VSCARD_PASSWORD environment variable, else a prompt on the terminal. The
+new card's PIN comes from --pin, --pin-file FILE, VSCARD_PIN or a prompt;
+with none of them (and no terminal) a PIN is generated and printed once.
+
+flags:`
+
 func runCardImport(_ context.Context, env *environ, args []string) error {
-	fs := newFlagSet(env, "card import", "usage: vscard card import DIR (--cert FILE --key FILE | --pem FILE)... [flags]\n\nMakes a card from PEM certificates and keys. The certificates keep their\norder (the first is the identity certificate); each gets the key that\nmatches it, so --key files may come in any order.\n\nflags:")
+	fs := newFlagSet(env, "card import", importUsage)
 	var inputs []inputFile
-	fs.Var(inputFlag{&inputs, true, false}, "cert", "PEM certificate file (repeatable)")
-	fs.Var(inputFlag{&inputs, false, true}, "key", "PEM private key file: PKCS#1, PKCS#8 or SEC1 (repeatable)")
-	fs.Var(inputFlag{&inputs, true, true}, "pem", "PEM file holding certificate(s) and key(s) (repeatable)")
-	ca := fs.String("ca", "", "CA certificate file (PEM or DER), exported as ca.pem/ca.der")
-	pin := fs.String("pin", "", "user PIN, 4-8 characters (default: generate and print once; \"-\" reads stdin)")
+	fs.Var(inputFlag{list: &inputs, asCert: true}, "cert", "PEM certificate file (repeatable)")
+	fs.Var(inputFlag{list: &inputs, asKey: true}, "key", "PEM private key file: PKCS#1, PKCS#8 or SEC1 (repeatable)")
+	fs.Var(inputFlag{list: &inputs, asCert: true, asKey: true}, "pem", "PEM file holding certificate(s) and key(s) (repeatable)")
+	fs.Var(inputFlag{list: &inputs, p12: true}, "p12", "PKCS#12 file with a key and its certificate (repeatable)")
+	nssDir := fs.String("nss", "", "NSS database (sql:DIR or DIR) to take --certs from")
+	nicks := fs.String("certs", "", "comma-separated certificate nicknames in the --nss database, in card order")
+	pwFile := fs.String("password-file", "", "file whose first line is the PKCS#12 / NSS database password")
+	ca := fs.String("ca", "", "CA certificate file (PEM or DER), exported as ca.pem/ca.der (default: the issuer found in a --p12 chain)")
+	pin := fs.String("pin", "", "user PIN, 4-8 characters (\"-\" reads stdin; see also --pin-file)")
+	pinFile := fs.String("pin-file", "", "file whose first line is the new card's PIN")
 	tries := fs.Int("pin-tries", 3, "wrong PINs allowed before the PIN blocks (1-15)")
 	pos, err := parseInterspersed(fs, args)
 	if err != nil {
@@ -205,8 +435,14 @@ func runCardImport(_ context.Context, env *environ, args []string) error {
 	if err != nil {
 		return err
 	}
-	if !slices.ContainsFunc(inputs, func(f inputFile) bool { return f.asCert }) {
-		return fmt.Errorf("%w: give the certificates with --cert FILE --key FILE or --pem FILE", errUsage)
+	if (*nssDir == "") != (*nicks == "") {
+		return fmt.Errorf("%w: --nss DB and --certs NICK1,NICK2,... go together", errUsage)
+	}
+	if *nssDir == "" && !slices.ContainsFunc(inputs, func(f inputFile) bool { return f.asCert || f.p12 }) {
+		return fmt.Errorf("%w: give the certificates with --cert FILE --key FILE, --pem FILE, --p12 FILE or --nss DB --certs NICKS", errUsage)
+	}
+	if *pin != "" && *pinFile != "" {
+		return fmt.Errorf("%w: give --pin or --pin-file, not both", errUsage)
 	}
 	if *pin, err = readPIN(env, *pin); err != nil {
 		return err
@@ -217,27 +453,22 @@ func runCardImport(_ context.Context, env *environ, args []string) error {
 	if *tries < 1 || *tries > 15 {
 		return fmt.Errorf("%w: --pin-tries must be 1 to 15, not %d", errUsage, *tries)
 	}
-	opts := store.ImportOptions{PIN: *pin, MaxTries: *tries}
-	read := func(f string) ([]byte, error) {
-		// Certificates and keys are small; 1 MiB bounds a wrong file.
-		fh, err := os.Open(f)
-		if err != nil {
-			return nil, err
-		}
-		defer fh.Close()
-		b, err := io.ReadAll(io.LimitReader(fh, 1<<20+1))
-		if err != nil {
-			return nil, err
-		}
-		if len(b) > 1<<20 {
-			return nil, fmt.Errorf("%s: larger than 1 MiB; is it a certificate?", f)
-		}
-		return b, nil
+	// Fail before any password prompt if DIR is taken.
+	if _, err := os.Lstat(dir); err == nil {
+		return fmt.Errorf("card directory %s already exists; choose another DIR or remove it", dir)
 	}
+	opts := store.ImportOptions{MaxTries: *tries}
+	src := &importSources{env: env, pwFile: *pwFile, opts: &opts}
 	// A --pem file goes in both lists: Import takes the certificates from
 	// one and the keys from the other.
 	for _, in := range inputs {
-		b, err := read(in.path)
+		if in.p12 {
+			if err := src.addP12(in.path); err != nil {
+				return err
+			}
+			continue
+		}
+		b, err := readSmallFile(in.path)
 		if err != nil {
 			return err
 		}
@@ -248,10 +479,41 @@ func runCardImport(_ context.Context, env *environ, args []string) error {
 			opts.Keys = append(opts.Keys, b)
 		}
 	}
-	if *ca != "" {
-		if opts.CA, err = read(*ca); err != nil {
+	if *nssDir != "" {
+		var names []string
+		for n := range strings.SplitSeq(*nicks, ",") {
+			if n = strings.TrimSpace(n); n != "" {
+				names = append(names, n)
+			}
+		}
+		if err := src.addNSS(*nssDir, names); err != nil {
 			return err
 		}
+	}
+	var chainNote string
+	if *ca != "" {
+		if opts.CA, err = readSmallFile(*ca); err != nil {
+			return err
+		}
+	} else if len(opts.Certs) > 0 {
+		if c := chainCA(opts.Certs[0], src.chain); c != nil {
+			opts.CA = c.Raw
+			chainNote = "CA taken from the PKCS#12 chain (the issuer of the first certificate)"
+		}
+	}
+	opts.PIN = *pin
+	if opts.PIN == "" {
+		psrc := secret.Source{What: "New card PIN (4-8 characters; empty generates one)", File: *pinFile, FileFlag: "--pin-file", EnvVar: envPIN, Terminal: terminalFor(env), Confirm: true}
+		p, err := psrc.Get()
+		if err != nil && !errors.Is(err, secret.ErrNotGiven) {
+			return err
+		}
+		if p != "" {
+			if err := store.CheckPIN(p); err != nil {
+				return fmt.Errorf("%w: PIN: %v", errUsage, strings.TrimPrefix(err.Error(), "store: "))
+			}
+		}
+		opts.PIN = p
 	}
 	c, err := store.Import(dir, opts)
 	if err != nil {
@@ -261,6 +523,9 @@ func runCardImport(_ context.Context, env *environ, args []string) error {
 	fmt.Fprintf(w, "Imported card in %s\n", c.Dir())
 	printCredsShort(w, c)
 	printCAFiles(w, c)
+	if chainNote != "" {
+		fmt.Fprintf(w, "  (%s)\n", chainNote)
+	}
 	for _, warn := range c.Warnings() {
 		fmt.Fprintf(w, "warning: %s\n", warn)
 	}
@@ -270,6 +535,41 @@ func runCardImport(_ context.Context, env *environ, args []string) error {
 		fmt.Fprintln(w, "PIN: as given (stored only as a hash)")
 	}
 	fmt.Fprintf(w, "PIN tries: %d\n", c.Info().MaxTries)
+	return nil
+}
+
+func runCardExportCA(_ context.Context, env *environ, args []string) error {
+	fs := newFlagSet(env, "card export-ca", "usage: vscard card export-ca DIR [--out FILE] [--der]\n\nWrites the card's CA certificate, for a guest's trust store.\n\nflags:")
+	out := fs.String("out", "", "write to FILE instead of standard output")
+	der := fs.Bool("der", false, "write DER instead of PEM")
+	pos, err := parseInterspersed(fs, args)
+	if err != nil {
+		return usageErr(err)
+	}
+	dir, err := oneDir(pos)
+	if err != nil {
+		return err
+	}
+	c, err := store.Open(dir)
+	if err != nil {
+		return err
+	}
+	ca := c.CA()
+	if ca == nil {
+		return fmt.Errorf("card %s has no CA certificate (it was imported without --ca); re-import with --ca FILE", dir)
+	}
+	b := certPEM(ca)
+	if *der {
+		b = ca.Raw
+	}
+	if *out == "" {
+		_, err := env.stdout.Write(b)
+		return err
+	}
+	// A CA certificate is public: world-readable like ca.pem in the card.
+	if err := os.WriteFile(*out, b, 0o644); err != nil {
+		return fmt.Errorf("export CA: %w", err)
+	}
 	return nil
 }
 

@@ -245,7 +245,7 @@ func TestParseInterspersed(t *testing.T) {
 		fs.SetOutput(&bytes.Buffer{})
 		cn := fs.String("cn", "", "")
 		var in []inputFile
-		fs.Var(inputFlag{&in, true, false}, "cert", "")
+		fs.Var(inputFlag{list: &in, asCert: true}, "cert", "")
 		pos, err := parseInterspersed(fs, tc.args)
 		if (err != nil) != tc.wantErr {
 			t.Errorf("%q: err %v", tc.args, err)
