@@ -18,7 +18,6 @@ import (
 	"github.com/vscard/vscard/token/store"
 )
 
-
 // ttyStdin is a standard input that is also a terminal for secrets, as a
 // user at a TTY would be (terminalFor prefers it to the real terminal).
 type ttyStdin struct {
