@@ -22,6 +22,7 @@ import (
 	"github.com/vscard/vscard/internal/ctl"
 	"github.com/vscard/vscard/internal/netutil"
 	"github.com/vscard/vscard/token"
+	"github.com/vscard/vscard/token/nss"
 	"github.com/vscard/vscard/token/store"
 	"github.com/vscard/vscard/vscard"
 )
@@ -78,7 +79,8 @@ func runConnect(ctx context.Context, env *environ, args []string) error {
 		"send 54-byte responses as they are. By default they are split with 61 xx, because QEMU 7.2's usb-ccid\n"+
 			"turns a 54-byte response into a full USB packet plus a zero-length one that the guest takes for the\n"+
 			"next answer, and the guest's reader stays out of step until re-plugged")
-	nss := fs.String("nss", "", "serve certificates from an NSS database `DIR` (not supported yet: issue 4)")
+	nssDB := fs.String("nss", "", "serve certificates from the NSS database `DIR` (sql:DIR or DIR, made with certutil; its password is the PIN)")
+	certs := fs.String("certs", "", "with --nss: certificate `NICKNAMES`, comma-separated, in card order (e.g. id-cert,signing-cert,encryption-cert)")
 	pcsc := fs.String("pcsc", "", "forward the physical card in PC/SC `READER` (not supported yet: issue 5)")
 	fs.Usage = func() {
 		fmt.Fprint(fs.Output(), connectUsage)
@@ -91,8 +93,14 @@ func runConnect(ctx context.Context, env *environ, args []string) error {
 		}
 		return fmt.Errorf("%w: %v", errUsage, err)
 	}
-	if *nss != "" {
-		return errors.New("--nss: NSS databases are not supported yet (issue 4); make a card store with 'vscard card new DIR' or 'vscard card import'")
+	if *nssDB != "" && *cardDir != "" {
+		return fmt.Errorf("%w: give either --card DIR or --nss DIR, not both", errUsage)
+	}
+	if *nssDB != "" && *certs == "" {
+		return fmt.Errorf("%w: --nss needs --certs NICKNAMES, e.g. --certs id-cert,signing-cert,encryption-cert ('certutil -L -d %s' lists them)", errUsage, *nssDB)
+	}
+	if *certs != "" && *nssDB == "" {
+		return fmt.Errorf("%w: --certs picks certificates of an NSS database: give --nss DIR too", errUsage)
 	}
 	if *pcsc != "" {
 		return errors.New("--pcsc: physical cards are not supported yet (issue 5)")
@@ -133,8 +141,20 @@ func runConnect(ctx context.Context, env *environ, args []string) error {
 		}
 		c = cc
 		desc = describeCard(*cardDir, tok.Credentials())
+	} else if *nssDB != "" {
+		db, tok, err := openNSS(*nssDB, *certs, log)
+		if err != nil {
+			return err
+		}
+		defer db.Close()
+		cc, err := cac.New(tok, cac.Options{Strict: *strict, Logger: log})
+		if err != nil {
+			return fmt.Errorf("--nss %s: %w", *nssDB, err)
+		}
+		c = cc
+		desc = describeCard(*nssDB, tok.Credentials())
 	} else {
-		log.Warn("no --card given: the reader starts empty and 'insert' has nothing to insert")
+		log.Warn("no --card or --nss given: the reader starts empty and 'insert' has nothing to insert")
 	}
 
 	var trace func(vscard.TraceEvent)
@@ -192,7 +212,7 @@ func runConnect(ctx context.Context, env *environ, args []string) error {
 		}
 	}
 	log.Info("connecting to QEMU's ccid-card-passthru chardev", "target", tgt.String(), "transport", mode,
-		"card", *cardDir, "qemu54_workaround", !*noWorkaround)
+		"card", *cardDir+*nssDB, "qemu54_workaround", !*noWorkaround)
 	runErr := client.Run(ctx)
 	cancel()
 	wg.Wait()
@@ -322,6 +342,40 @@ func dialer(tgt target, cfg *tls.Config) func(ctx context.Context) (net.Conn, er
 	}
 }
 
+// openNSS opens an NSS database read-only with token/nss and makes a token
+// of the certificates named in certs (comma-separated nicknames, in card
+// order), as libcacard's soft=(...) does (cac.md §6). The database password
+// is the card PIN; with an empty password any PIN works and token/nss logs
+// that the keys are effectively unprotected (peers.md §6.2).
+func openNSS(path, certs string, log *slog.Logger) (*nss.DB, *nss.Token, error) {
+	var names []string
+	seen := make(map[string]bool)
+	for _, n := range strings.Split(certs, ",") {
+		n = strings.TrimSpace(n)
+		if n == "" {
+			continue
+		}
+		if seen[n] {
+			return nil, nil, fmt.Errorf("%w: --certs names %q twice; name each certificate once", errUsage, n)
+		}
+		seen[n] = true
+		names = append(names, n)
+	}
+	if len(names) == 0 {
+		return nil, nil, fmt.Errorf("%w: --certs %q names no certificate", errUsage, certs)
+	}
+	db, err := nss.Open(path, &nss.Options{Logger: log})
+	if err != nil {
+		return nil, nil, fmt.Errorf("--nss %s: %w", path, err)
+	}
+	tok, err := db.Token(names)
+	if err != nil {
+		db.Close()
+		return nil, nil, fmt.Errorf("--nss %s: %w", path, err)
+	}
+	return db, tok, nil
+}
+
 // describeCard is the card line of "list".
 func describeCard(dir string, creds []token.Credential) string {
 	labels := make([]string, len(creds))
@@ -361,7 +415,7 @@ func (s *connectSession) handle(_ context.Context, line string) string {
 			return e
 		}
 		if s.card == nil {
-			return "error: no card to insert: start vscard connect with --card DIR"
+			return "error: no card to insert: start vscard connect with --card DIR or --nss DIR --certs NICKNAMES"
 		}
 		if err := s.client.Insert(s.card); err != nil {
 			if errors.Is(err, vscard.ErrCardInserted) {

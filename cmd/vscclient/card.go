@@ -3,6 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -11,27 +12,27 @@ import (
 
 	"github.com/vscard/vscard/internal/emuopts"
 	"github.com/vscard/vscard/token"
+	"github.com/vscard/vscard/token/nss"
 	"github.com/vscard/vscard/token/store"
 )
 
-// Errors for the sources of cards that later issues add. They name the
-// option so the user knows which part of the command line is the problem.
-var (
-	errNSS      = errors.New("NSS databases are not supported yet (issue 4); make a vscard card store with 'vscard card new DIR' or 'vscard card import' and pass db=\"DIR\"")
-	errHardware = errors.New("physical cards are not supported yet (issue 5)")
-)
+// errHardware is for the sources of cards that issue 5 adds. Messages name
+// the option so the user knows which part of the command line is the
+// problem.
+var errHardware = errors.New("physical cards are not supported yet (issue 5)")
 
 // softCard is what the -e options select: one reader with a card made from
-// a card store.
+// a card store or an NSS database.
 type softCard struct {
 	reader string
 	dir    string
 	tok    token.Token
-	labels []string // labels of the selected credentials, in card order
+	labels []string  // labels of the selected credentials, in card order
+	closer io.Closer // the NSS database, nil for a card store
 }
 
 // selectCard checks the parsed options against what this vscclient can
-// serve and opens the card store.
+// serve and opens the card store or NSS database.
 func selectCard(o *emuopts.Options, log *slog.Logger) (*softCard, error) {
 	if o.HWType == emuopts.TypePassthru {
 		return nil, fmt.Errorf("passthru / hw_type=PASSTHRU: %w", errHardware)
@@ -41,7 +42,7 @@ func selectCard(o *emuopts.Options, log *slog.Logger) (*softCard, error) {
 	}
 	if len(o.Soft) == 0 {
 		return nil, fmt.Errorf("no soft=(...) card given, and mapping hardware tokens (libcacard's default use_hw=yes) is not supported yet (issue 5); "+
-			"use -e 'db=\"DIR\" use_hw=no soft=(,Reader,CAC,,id,signing,encryption)' with a card store DIR: %w", errHardware)
+			"use -e 'db=\"DIR\" use_hw=no soft=(,Reader,CAC,,id-cert,signing-cert,encryption-cert)' with an NSS database or card store DIR: %w", errHardware)
 	}
 	if len(o.Soft) > 1 {
 		// QEMU's passthru answers every ReaderAdd with reader 0, so only one
@@ -51,6 +52,9 @@ func selectCard(o *emuopts.Options, log *slog.Logger) (*softCard, error) {
 	sc := o.Soft[0]
 	if sc.Type != emuopts.TypeCAC {
 		return nil, fmt.Errorf("soft=(...,%s,...): %w", sc.Type, errHardware)
+	}
+	if isNSSDB(o.DB) {
+		return openNSS(o.DB, sc, log)
 	}
 	dir := strings.TrimPrefix(o.DB, "sql:")
 	if err := checkStore(dir); err != nil {
@@ -74,20 +78,78 @@ func selectCard(o *emuopts.Options, log *slog.Logger) (*softCard, error) {
 	return &softCard{reader: sc.Reader, dir: dir, tok: &selected{creds: creds, pin: st.PIN()}, labels: labels}, nil
 }
 
-// checkStore tells a card store from an NSS database and from nothing.
+// nssFiles are the files of an NSS database directory: sql (cert9, key4)
+// and the old dbm format (cert8, key3), which token/nss refuses with a
+// "convert with certutil" message.
+var nssFiles = []string{"cert9.db", "key4.db", "cert8.db", "key3.db"}
+
+// isNSSDB tells an NSS database (what libcacard's db= names: "sql:DIR",
+// "dbm:DIR" or a plain DIR) from a vscard card store. A card store wins
+// when a directory somehow holds both.
+func isNSSDB(db string) bool {
+	if strings.HasPrefix(db, "dbm:") {
+		return true
+	}
+	dir := strings.TrimPrefix(db, "sql:")
+	if _, err := os.Stat(filepath.Join(dir, store.ManifestFile)); err == nil {
+		return false
+	}
+	for _, f := range nssFiles {
+		if _, err := os.Stat(filepath.Join(dir, f)); err == nil {
+			return true
+		}
+	}
+	return false
+}
+
+// openNSS opens an NSS database read-only with token/nss and makes the
+// card from the certificates soft=(...) or -c name, in that order, as
+// libcacard does (cac.md §6). The database password is the card PIN; with
+// an empty password any PIN works and token/nss logs that the keys are
+// effectively unprotected (peers.md §6.2).
+func openNSS(path string, sc emuopts.Soft, log *slog.Logger) (*softCard, error) {
+	var names []string
+	seen := make(map[string]bool)
+	for _, n := range sc.Certs {
+		// vscclient's -c leaves an empty name at the end (protocols.md §2.1).
+		if n == "" {
+			continue
+		}
+		if seen[n] {
+			return nil, fmt.Errorf("db %q: certificate %q named twice; name each certificate once", path, n)
+		}
+		seen[n] = true
+		names = append(names, n)
+	}
+	if len(names) == 0 {
+		return nil, fmt.Errorf("db %q: no certificate nicknames given in soft=(...) or -c", path)
+	}
+	db, err := nss.Open(path, &nss.Options{Logger: log})
+	if err != nil {
+		return nil, fmt.Errorf("db %q: %w", path, err)
+	}
+	tok, err := db.Token(names)
+	if err != nil {
+		db.Close()
+		return nil, fmt.Errorf("db %q: %w", path, err)
+	}
+	creds := tok.Credentials()
+	labels := make([]string, len(creds))
+	for i, c := range creds {
+		labels[i] = c.Label
+	}
+	return &softCard{reader: sc.Reader, dir: path, tok: tok, labels: labels, closer: db}, nil
+}
+
+// checkStore tells a card store from nothing.
 func checkStore(dir string) error {
 	if _, err := os.Stat(filepath.Join(dir, store.ManifestFile)); err == nil {
 		return nil
 	}
-	for _, f := range []string{"cert9.db", "key4.db", "cert8.db", "key3.db"} {
-		if _, err := os.Stat(filepath.Join(dir, f)); err == nil {
-			return fmt.Errorf("db %q holds %s: %w", dir, f, errNSS)
-		}
-	}
 	if fi, err := os.Stat(dir); err != nil || !fi.IsDir() {
-		return fmt.Errorf("db %q: no such directory; give a card store made by 'vscard card new DIR'", dir)
+		return fmt.Errorf("db %q: no such directory; give an NSS database (certutil -N -d sql:DIR) or a card store made by 'vscard card new DIR'", dir)
 	}
-	return fmt.Errorf("db %q is not a vscard card store (no %s); make one with 'vscard card new DIR'", dir, store.ManifestFile)
+	return fmt.Errorf("db %q is neither an NSS database (no cert9.db) nor a vscard card store (no %s); make one with 'certutil -N -d sql:DIR' or 'vscard card new DIR'", dir, store.ManifestFile)
 }
 
 // roleAliases maps the certificate nicknames used with libcacard (QEMU's

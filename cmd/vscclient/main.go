@@ -11,10 +11,15 @@
 //
 //	vscclient -e 'db="DIR" use_hw=no soft=(,Test,CAC,,id,signing,encryption)' 127.0.0.1 2001
 //
-// where DIR is a vscard card store ('vscard card new DIR'). The reader name
-// comes from soft=(...) and is sent in ReaderAdd; the certificate names pick
-// and order the store's certificates (see pickCredentials). NSS databases
-// (issue 4) and physical cards (use_hw=yes, passthru, -p; issue 5) are not
+// where DIR is an NSS database made with certutil (cert9.db and key4.db,
+// with or without the sql: prefix, read by token/nss without any NSS
+// library; default /etc/pki/nssdb as in libcacard) or a vscard card store
+// ('vscard card new DIR'). The reader name comes from soft=(...) and is sent
+// in ReaderAdd; the certificate names pick and order the certificates: NSS
+// nicknames, or a store's labels (see pickCredentials). The NSS database
+// password is the card PIN; a database with an empty password accepts any
+// PIN, as with libcacard, and vscclient warns that its keys are effectively
+// unprotected. Physical cards (use_hw=yes, passthru, -p; issue 5) are not
 // supported yet and say so.
 //
 // # Differences from libcacard's vscclient
@@ -59,11 +64,12 @@ const (
 )
 
 const usageText = `usage: vscclient [-c certname]... [-e emul_args] [-d level] [-p] <host> <port>
- -c certname   certificate of the soft card (repeatable; a card store label
-               such as id, signing, encryption, or id-cert, cert1, ...)
+ -c certname   certificate of the soft card (repeatable; an NSS nickname, or
+               a card store label such as id, signing, encryption)
  -e emul_args  libcacard options, e.g.
-               'db="DIR" use_hw=no soft=(,Test,CAC,,id,signing,encryption)'
-               where DIR is a vscard card store ('vscard card new DIR')
+               'db="sql:DIR" use_hw=no soft=(,Test,CAC,,id-cert,signing-cert,encryption-cert)'
+               where DIR is an NSS database (certutil -N -d sql:DIR; its
+               password is the PIN) or a vscard card store ('vscard card new DIR')
  -d level      debug level: 0 info, 1-10 debug, >10 also every message
  -p            use a physical card (not supported yet: issue 5)
  -no-qemu54-workaround
@@ -231,6 +237,9 @@ func serve(ctx context.Context, cfg *config, stdin io.Reader, stdout, stderr io.
 	sc, err := selectCard(opts, log)
 	if err != nil {
 		return err
+	}
+	if sc.closer != nil {
+		defer sc.closer.Close()
 	}
 	c, err := cac.New(sc.tok, cac.Options{Logger: log})
 	if err != nil {

@@ -141,8 +141,9 @@ func TestSelectCard(t *testing.T) {
 		{emul: `db="` + dir + `" use_hw=no soft=(,R,CAC,,id,nope)`, err: `no certificate "nope"; the card has id, signing, encryption`},
 		{emul: `db="` + dir + `" use_hw=no soft=(,R,CAC,,id,identity)`, err: "same as"},
 		{emul: `db="` + dir + `" use_hw=no soft=(,R,CAC,,,)`, err: "no certificate names"},
-		{emul: `db="sql:` + nssDir + `" use_hw=no soft=(,R,CAC,,id)`, err: "NSS databases are not supported yet (issue 4)"},
-		{emul: `db="` + empty + `" use_hw=no soft=(,R,CAC,,id)`, err: "not a vscard card store"},
+		// An empty cert9.db is an NSS database to open, and a broken one.
+		{emul: `db="sql:` + nssDir + `" use_hw=no soft=(,R,CAC,,id)`, err: `db "sql:` + nssDir + `"`},
+		{emul: `db="` + empty + `" use_hw=no soft=(,R,CAC,,id)`, err: "neither an NSS database (no cert9.db) nor a vscard card store"},
 		{emul: `db="/nonexistent/x" use_hw=no soft=(,R,CAC,,id)`, err: "no such directory"},
 		{emul: `use_hw=no`, err: "no soft=(...) card given"},
 		{emul: ``, err: "not supported yet (issue 5)"},
