@@ -1,0 +1,61 @@
+# Guest side of TestGuestNSS (issue 4 acceptance): the same checks for two
+# NSS databases that vscclient serves one after the other, first the one
+# with an empty password (any PIN), then the one with a password (the PIN).
+# Helpers from /vscard/lib.sh; steps are "@@BEGIN NAME" ... "@@END NAME
+# STATUS" for the host's subtests.
+. /vscard/lib.sh
+OPENSC=/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so
+COOLKEY=/usr/lib/pkcs11/libcoolkeypk11.so
+p11() { pkcs11-tool --module $OPENSC "$@"; }
+failed=
+step() { # NAME CMD...: run CMD, report its output and status
+  n=$1; shift
+  echo "@@BEGIN $n"
+  "$@" 2>&1
+  s=$?
+  echo "@@END $n $s"
+  [ $s = 0 ] || failed="$failed $n"
+  return $s
+}
+state() { # NAME absent|present: wait until pcscd reports the card state
+  echo "@@BEGIN $1"
+  if [ "$2" = absent ]; then poll 30 no_card; else poll 60 has_card; fi
+  s=$?
+  opensc-tool --list-readers 2>&1
+  echo "@@END $1 $s"
+  [ $s = 0 ] || failed="$failed $1"
+}
+# round R PIN: one database served as a card.
+round() {
+  r=$1 pin=$2
+  state $r-present present
+  # OpenSC lists the three certificates.
+  step $r-certs p11 -O --type cert
+  # A signature with the ID key, PIN = database password, verified on the
+  # host with certutil's id-cert.
+  head -c 100 /dev/urandom >/tmp/$r.data
+  emit $r-data /tmp/$r.data
+  poll 30 p11 --login --pin "$pin" --sign --id 0001 -m SHA256-RSA-PKCS -i /tmp/$r.data -o /tmp/$r.sig
+  s=$?
+  echo "@@BEGIN $r-sig"; [ $s = 0 ] && base64 </tmp/$r.sig; echo "@@END $r-sig $s"
+  [ $s = 0 ] || failed="$failed $r-sig"
+  # CoolKey through NSS: certutil -L -h all with the PIN from a file.
+  printf '%s\n' "$pin" >/tmp/$r.pin
+  mkdir -p /tmp/$r.nssdb
+  certutil -N -d sql:/tmp/$r.nssdb --empty-password >/dev/null 2>&1
+  step $r-modutil modutil -dbdir sql:/tmp/$r.nssdb -add coolkey -libfile $COOLKEY -force
+  step $r-coolkey certutil -d sql:/tmp/$r.nssdb -L -h all -f /tmp/$r.pin
+}
+
+host_wait serve-empty
+round empty "$(cat /vscard/any-pin)"
+host_wait stop-empty
+state empty-gone absent
+host_wait serve-password
+round password "$(cat /vscard/db-password)"
+mark steps-done
+if [ -n "$failed" ]; then
+  echo "failed steps:$failed; guest pcscd log tail:"
+  tail -n 60 /tmp/pcscd.log
+  exit 1
+fi
