@@ -498,7 +498,7 @@ func runCardImport(_ context.Context, env *environ, args []string) error {
 	} else if len(opts.Certs) > 0 {
 		if c := chainCA(opts.Certs[0], src.chain); c != nil {
 			opts.CA = c.Raw
-			chainNote = "CA taken from the PKCS#12 chain (the issuer of the first certificate)"
+			chainNote = "taken from the PKCS#12 chain: the issuer of the first certificate"
 		}
 	}
 	opts.PIN = *pin

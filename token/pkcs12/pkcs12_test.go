@@ -226,3 +226,27 @@ func makeNSSRecipeDB(t *testing.T, dir, pw string) {
 	run(t, dir, "certutil", "-S", "-d", "sql:db", "-f", "dbpw", "-z", "noise", "-s", "CN=Fake Smart Card CA", "-x", "-t", "TC,TC,TC", "-n", "fake-smartcard-ca")
 	run(t, dir, "certutil", "-S", "-d", "sql:db", "-f", "dbpw", "-z", "noise", "-t", ",,", "-s", "CN=John Doe", "-n", "id-cert", "-c", "fake-smartcard-ca")
 }
+
+// FuzzDecode feeds this package's BER reader (MAC check, decryption, bag
+// parsing) arbitrary files. The iteration cap is lowered so the fuzzer
+// spends its time on parsing, not on the KDF; the seeds use 2 and 2048
+// iterations.
+func FuzzDecode(f *testing.F) {
+	for _, name := range []string{"openssl-seed-aes.p12", "openssl-seed-3des.p12", "pk12util-nss387.p12"} {
+		b, err := os.ReadFile(filepath.Join("testdata", name))
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(b)
+	}
+	f.Fuzz(func(t *testing.T, in []byte) {
+		der, err := BERToDER(in)
+		if err != nil {
+			return
+		}
+		b, err := decodeBER(der, "seed", 4096)
+		if err == nil && b == nil {
+			t.Fatal("nil bundle without an error")
+		}
+	})
+}
