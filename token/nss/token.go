@@ -324,6 +324,10 @@ func (k *keyEntry) decrypt(salt, pw []byte) error {
 			D:         num(ckaPrivateExponent),
 			Primes:    []*big.Int{num(ckaPrime1), num(ckaPrime2)},
 		}
+		// Precompute first: Validate then only checks consistency
+		// instead of redoing the whole key check, and NewRSAKey's own
+		// Precompute is free (half the cost of loading a token).
+		priv.Precompute()
 		if err := priv.Validate(); err != nil {
 			return fmt.Errorf("decrypted RSA key is invalid: %w", err)
 		}
