@@ -84,6 +84,7 @@ type DB struct {
 	check    []byte // metaData 'password' item2, encrypted "password-check"
 	needsPW  bool
 	warnOnce sync.Once
+	modules  []string // other PKCS#11 libraries named in pkcs11.txt
 }
 
 // certRow is one certificate object of nssPublic.
@@ -139,7 +140,7 @@ func Open(dir string, opts *Options) (*DB, error) {
 		return nil, fmt.Errorf("nss: %s: cert9.db without key4.db: %w", dir, err)
 	}
 
-	db := &DB{dir: dir, log: log}
+	db := &DB{dir: dir, log: log, modules: externalModules(filepath.Join(dir, "pkcs11.txt"))}
 	var err error
 	if db.certDB, err = openRO(certPath); err != nil {
 		return nil, err
@@ -153,6 +154,23 @@ func Open(dir string, opts *Options) (*DB, error) {
 		return nil, err
 	}
 	return db, nil
+}
+
+// externalModules returns the library= entries of pkcs11.txt other than
+// NSS's own (empty) one: keys behind them, e.g. SoftHSM added with modutil,
+// are not in key4.db and so not reachable here (peers.md §6.1).
+func externalModules(path string) []string {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil
+	}
+	var libs []string
+	for _, line := range strings.Split(string(b), "\n") {
+		if lib, ok := strings.CutPrefix(strings.TrimSpace(line), "library="); ok && lib != "" {
+			libs = append(libs, lib)
+		}
+	}
+	return libs
 }
 
 // openRO opens one sqlite file read-only. mode=ro lets NSS keep writing;

@@ -156,6 +156,33 @@ func (h *countHandler) Handle(_ context.Context, r slog.Record) error {
 func (h *countHandler) WithAttrs([]slog.Attr) slog.Handler { return h }
 func (h *countHandler) WithGroup(string) slog.Handler      { return h }
 
+// TestNicknameChoice covers the token-name prefix and a nickname shared by
+// two certificates (a renewal: NSS gives both the same nickname).
+func TestNicknameChoice(t *testing.T) {
+	dir := copyDB(t)
+	// cert2 becomes a second "cert1"; the first cert1 loses its key.
+	execSQL(t, filepath.Join(dir, "cert9.db"), "UPDATE nssPublic SET a3 = CAST('cert1' AS BLOB) WHERE a3 = CAST('cert2' AS BLOB)")
+	id, _ := hex.DecodeString("D4B333FDBFC33DBFC796B68016EC58FD3E51601A") // cert1's CKA_ID
+	execSQL(t, filepath.Join(dir, "key4.db"), "DELETE FROM nssPrivate WHERE a102 = ?", id)
+	db, err := Open(dir, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	if got := strings.Join(db.Nicknames(), ","); got != "cert1,cert3" {
+		t.Errorf("Nicknames = %s", got)
+	}
+	tok, err := db.Token([]string{"NSS Certificate DB:cert1", "cert3"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := tok.Credentials()[0]
+	if got.Label != "cert1" || !strings.Contains(got.Cert.Subject.String(), "cert2") {
+		t.Errorf("chose %q %s, want the renewal with a key (subject of cert2)", got.Label, got.Cert.Subject)
+	}
+	checkSign(t, got)
+}
+
 func TestEmptyPasswordWarnsOnce(t *testing.T) {
 	h := &countHandler{}
 	db, err := Open("sql:"+testDB, &Options{Logger: slog.New(h)})
@@ -245,6 +272,23 @@ func TestErrors(t *testing.T) {
 			},
 			nicks: []string{"cert1", "cert2"},
 			want:  []string{`"cert2" has no private key`},
+		},
+		{
+			name: "key in a SoftHSM module",
+			setup: func(t *testing.T) string {
+				dir := copyDB(t)
+				id, _ := hex.DecodeString("4CB2ADFFD8CF4A51DC85C8E41BEA2767EE645D1D") // cert2's CKA_ID
+				execSQL(t, filepath.Join(dir, "key4.db"), "DELETE FROM nssPrivate WHERE a102 = ?", id)
+				f, err := os.OpenFile(filepath.Join(dir, "pkcs11.txt"), os.O_APPEND|os.O_WRONLY, 0)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer f.Close()
+				f.WriteString("\nlibrary=/usr/lib/softhsm/libsofthsm2.so\nname=SoftHSM PKCS#11\n")
+				return dir
+			},
+			nicks: []string{"cert2"},
+			want:  []string{`"cert2" has no private key`, `"/usr/lib/softhsm/libsofthsm2.so"`},
 		},
 		{
 			name: "corrupted private attribute",

@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"io"
 	"math/big"
+	"slices"
 	"strings"
 	"sync"
 
@@ -96,8 +97,21 @@ func (db *DB) Token(nicknames []string) (*Token, error) {
 	return t, nil
 }
 
+// internalTokens are the names of NSS's software token, which
+// PK11_FindCertFromNickname accepts as a "token:" prefix, so libcacard
+// users may write "NSS Certificate DB:id-cert".
+var internalTokens = []string{"NSS Certificate DB:", "NSS FIPS 140-2 Certificate DB:"}
+
 // credential finds nick's certificate and private key.
 func (db *DB) credential(nick string) (token.Credential, *keyEntry, error) {
+	if !slices.ContainsFunc(db.certs, func(c certRow) bool { return c.label == nick }) {
+		for _, p := range internalTokens {
+			if rest, ok := strings.CutPrefix(nick, p); ok {
+				nick = rest
+				break
+			}
+		}
+	}
 	found := false
 	var lastErr error
 	for _, c := range db.certs {
@@ -173,6 +187,9 @@ func (db *DB) keyFor(nick string, id []byte, cert *x509.Certificate) (*keyEntry,
 	}
 	if err := rows.Err(); err != nil {
 		return nil, fmt.Errorf("nss: %s: read key4.db: %w", db.dir, err)
+	}
+	if len(db.modules) > 0 {
+		return nil, fmt.Errorf("nss: %s: certificate %q has no private key in key4.db (keys in the PKCS#11 modules of pkcs11.txt, %s, are not supported)", db.dir, nick, quoteList(db.modules))
 	}
 	return nil, fmt.Errorf("nss: %s: certificate %q has no private key in key4.db", db.dir, nick)
 }
