@@ -70,7 +70,9 @@ func writeFile(t *testing.T, path, content string) string {
 
 // makeRecipeDB makes dir/db with the QEMU documentation's certutil
 // recipe: a CA and id-cert it issued. An empty pw makes an
-// empty-password database.
+// empty-password database. The serials are explicit (-m): certutil derives
+// the default serial from the clock in seconds, so a CA and a certificate
+// made within one second collide (SEC_ERROR_REUSED_ISSUER_AND_SERIAL).
 func makeRecipeDB(t *testing.T, dir, pw string) string {
 	t.Helper()
 	db := filepath.Join(dir, "db")
@@ -86,8 +88,8 @@ func makeRecipeDB(t *testing.T, dir, pw string) string {
 	} else {
 		runTool(t, dir, "certutil", "-N", "-d", "sql:db", "-f", pwf)
 	}
-	runTool(t, dir, "certutil", "-S", "-d", "sql:db", "-f", pwf, "-z", "noise", "-s", "CN=Fake Smart Card CA", "-x", "-t", "TC,TC,TC", "-n", "fake-smartcard-ca")
-	runTool(t, dir, "certutil", "-S", "-d", "sql:db", "-f", pwf, "-z", "noise", "-t", ",,", "-s", "CN=John Doe", "-n", "id-cert", "-c", "fake-smartcard-ca")
+	runTool(t, dir, "certutil", "-S", "-d", "sql:db", "-f", pwf, "-z", "noise", "-s", "CN=Fake Smart Card CA", "-x", "-t", "TC,TC,TC", "-n", "fake-smartcard-ca", "-m", "1")
+	runTool(t, dir, "certutil", "-S", "-d", "sql:db", "-f", pwf, "-z", "noise", "-t", ",,", "-s", "CN=John Doe", "-n", "id-cert", "-c", "fake-smartcard-ca", "-m", "2")
 	return "sql:" + db
 }
 

@@ -208,7 +208,9 @@ func TestDecodeToolFiles(t *testing.T) {
 
 // makeNSSRecipeDB makes dir/db with the QEMU documentation's certutil
 // recipe (a CA and id-cert it issued) under password pw, kept in
-// dir/dbpw.
+// dir/dbpw. The serials are explicit (-m): certutil derives the default
+// serial from the clock in seconds, so a CA and a certificate made within
+// one second collide (SEC_ERROR_REUSED_ISSUER_AND_SERIAL).
 func makeNSSRecipeDB(t *testing.T, dir, pw string) {
 	t.Helper()
 	if err := os.Mkdir(filepath.Join(dir, "db"), 0o700); err != nil {
@@ -223,8 +225,8 @@ func makeNSSRecipeDB(t *testing.T, dir, pw string) {
 		t.Fatal(err)
 	}
 	run(t, dir, "certutil", "-N", "-d", "sql:db", "-f", "dbpw")
-	run(t, dir, "certutil", "-S", "-d", "sql:db", "-f", "dbpw", "-z", "noise", "-s", "CN=Fake Smart Card CA", "-x", "-t", "TC,TC,TC", "-n", "fake-smartcard-ca")
-	run(t, dir, "certutil", "-S", "-d", "sql:db", "-f", "dbpw", "-z", "noise", "-t", ",,", "-s", "CN=John Doe", "-n", "id-cert", "-c", "fake-smartcard-ca")
+	run(t, dir, "certutil", "-S", "-d", "sql:db", "-f", "dbpw", "-z", "noise", "-s", "CN=Fake Smart Card CA", "-x", "-t", "TC,TC,TC", "-n", "fake-smartcard-ca", "-m", "1")
+	run(t, dir, "certutil", "-S", "-d", "sql:db", "-f", "dbpw", "-z", "noise", "-t", ",,", "-s", "CN=John Doe", "-n", "id-cert", "-c", "fake-smartcard-ca", "-m", "2")
 }
 
 // FuzzDecode feeds this package's BER reader (MAC check, decryption, bag
