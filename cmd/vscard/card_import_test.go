@@ -203,6 +203,8 @@ func TestCardImportPasswordSources(t *testing.T) {
 	runTool(t, tmp, "openssl", "pkcs12", "-export", "-in", td("rsa-pkcs1.crt"), "-inkey", td("rsa-pkcs1.key"), "-passout", "pass:s3cret", "-out", p12)
 	empty := filepath.Join(tmp, "empty.p12")
 	runTool(t, tmp, "openssl", "pkcs12", "-export", "-in", td("rsa-pkcs1.crt"), "-inkey", td("rsa-pkcs1.key"), "-passout", "pass:", "-out", empty)
+	nokey := filepath.Join(tmp, "nokey.p12")
+	runTool(t, tmp, "openssl", "pkcs12", "-export", "-nokeys", "-in", td("rsa-pkcs1.crt"), "-passout", "pass:", "-out", nokey)
 	pinFile := writeFile(t, filepath.Join(tmp, "pin"), "5678\n")
 	for i, tc := range []struct {
 		name     string
@@ -222,6 +224,7 @@ func TestCardImportPasswordSources(t *testing.T) {
 		{"wrong env password", map[string]string{envPassword: "nope"}, strings.NewReader(""), []string{"--p12", p12, "--pin", "1111"}, "", "wrong PKCS#12 password for " + p12, exitError},
 		{"wrong terminal password", nil, newTTY("nope\n"), []string{"--p12", p12, "--pin", "1111"}, "", "wrong PKCS#12 password for " + p12, exitError},
 		{"terminal PINs differ", map[string]string{envPassword: "s3cret"}, newTTY("1234\n4321\n"), []string{"--p12", p12}, "", "the two entries differ", exitError},
+		{"certificates only", nil, strings.NewReader(""), []string{"--p12", nokey, "--pin", "1111"}, "", nokey + ": no private key in the PKCS#12 file", exitError},
 		{"bad PIN from env", map[string]string{envPassword: "s3cret", envPIN: "12"}, strings.NewReader(""), []string{"--p12", p12}, "", "PIN must be 4 to 8 characters", exitUsage},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

@@ -62,11 +62,11 @@ func decodeDER(data []byte, password string) (*Bundle, error) {
 		return nil, ErrWrongPassword
 	}
 	if err != nil {
-		// A file without a key (a trust store) is still useful for its
-		// certificates.
-		certs, err2 := gopkcs12.DecodeTrustStore(data, password)
-		if err2 == nil {
-			return &Bundle{Certs: certs}, nil
+		// go-pkcs12 wants exactly one key; this package's own reader
+		// takes files with several keys or none (certificates only), and
+		// DER is valid BER.
+		if b, err2 := decodeBER(data, password, maxIterations); err2 == nil {
+			return b, nil
 		}
 		return nil, fmt.Errorf("pkcs12: %w", err)
 	}

@@ -252,3 +252,26 @@ func FuzzDecode(f *testing.F) {
 		}
 	})
 }
+
+// TestDecodeCertificatesOnly reads an OpenSSL file without a key, which
+// go-pkcs12's DecodeChain refuses; the BER reader takes it.
+func TestDecodeCertificatesOnly(t *testing.T) {
+	needTools(t, "openssl")
+	dir := t.TempDir()
+	writeTestPKI(t, dir)
+	run(t, dir, "openssl", "pkcs12", "-export", "-nokeys", "-in", "id.pem", "-certfile", "ca.pem", "-passout", "pass:s3cret", "-out", "out.p12")
+	data, err := os.ReadFile(filepath.Join(dir, "out.p12"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := Decode(data, "s3cret")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(b.Keys) != 0 || len(b.Certs) != 2 {
+		t.Fatalf("%d keys, %d certificates; want 0 and 2", len(b.Keys), len(b.Certs))
+	}
+	if _, err := Decode(data, "x"); !errors.Is(err, ErrWrongPassword) {
+		t.Fatalf("wrong password: %v", err)
+	}
+}
