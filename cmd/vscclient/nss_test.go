@@ -127,6 +127,19 @@ func nssCert(t *testing.T, dir, nick string) *x509.Certificate {
 	return c
 }
 
+// TestMain removes the databases and the card store that the package's
+// tests share.
+func TestMain(m *testing.M) {
+	code := m.Run()
+	for _, d := range nssDBs {
+		os.RemoveAll(filepath.Dir(d))
+	}
+	if cardDir != "" {
+		os.RemoveAll(filepath.Dir(cardDir))
+	}
+	os.Exit(code)
+}
+
 func TestSelectCardNSS(t *testing.T) {
 	pw := nssDB(t, nssPassword)
 	empty := nssDB(t, "")
@@ -146,6 +159,9 @@ func TestSelectCardNSS(t *testing.T) {
 		// Without sql:, and in another order: the card follows soft=(...).
 		{emul: `db="` + pw + `" use_hw=no soft=(,Other Reader,CAC,,encryption-cert,id-cert)`,
 			labels: []string{"encryption-cert", "id-cert"}, reader: "Other Reader", needPIN: true},
+		// vscclient -c signing-cert -c id-cert -e 'db="sql:DIR"'.
+		{emul: emulString(&config{certs: []string{"signing-cert", "id-cert"}, emul: `db="sql:` + pw + `"`, emulGiven: true}),
+			labels: []string{"signing-cert", "id-cert"}, reader: "Virtual Reader", needPIN: true},
 		{emul: `db="sql:` + empty + `" use_hw=no soft=(,Test,CAC,,id-cert,signing-cert,encryption-cert,)`,
 			labels: []string{"id-cert", "signing-cert", "encryption-cert"}, reader: "Test"},
 		{emul: `db="sql:` + pw + `" use_hw=no soft=(,Test,CAC,,id-cert,nope)`,
