@@ -220,7 +220,7 @@ func TestCardImportPasswordSources(t *testing.T) {
 		{"pin file", map[string]string{envPassword: "s3cret", envPIN: "0000"}, strings.NewReader(""), []string{"--p12", p12, "--pin-file", pinFile}, "5678", "", exitOK},
 		{"empty password tried first", nil, strings.NewReader(""), []string{"--p12", empty, "--pin", "1111"}, "1111", "", exitOK},
 		{"nothing given, no terminal", nil, strings.NewReader(""), []string{"--p12", p12, "--pin", "1111"}, "",
-			"PKCS#12 password for " + p12 + ": give it with --password-file FILE or the VSCARD_PASSWORD environment variable, or run at a terminal", exitError},
+			"PKCS#12 password for " + p12 + " not given: use --password-file FILE, the VSCARD_PASSWORD environment variable, or run at a terminal", exitError},
 		{"wrong env password", map[string]string{envPassword: "nope"}, strings.NewReader(""), []string{"--p12", p12, "--pin", "1111"}, "", "wrong PKCS#12 password for " + p12, exitError},
 		{"wrong terminal password", nil, newTTY("nope\n"), []string{"--p12", p12, "--pin", "1111"}, "", "wrong PKCS#12 password for " + p12, exitError},
 		{"terminal PINs differ", map[string]string{envPassword: "s3cret"}, newTTY("1234\n4321\n"), []string{"--p12", p12}, "", "the two entries differ", exitError},
@@ -275,7 +275,7 @@ func TestCardImportNSS(t *testing.T) {
 		{"password file", []string{"--nss", pwDB, "--certs", "id-cert", "--password-file", filepath.Join(pwDir, "dbpw")}, exitOK, ""},
 		{"empty password", []string{"--nss", emptyDB, "--certs", "id-cert"}, exitOK, ""},
 		{"wrong password", []string{"--nss", pwDB, "--certs", "id-cert", "--password-file", wrong}, exitError, "wrong NSS database password for " + pwDB},
-		{"no password, no terminal", []string{"--nss", pwDB, "--certs", "id-cert"}, exitError, "--password-file FILE or the VSCARD_PASSWORD environment variable"},
+		{"no password, no terminal", []string{"--nss", pwDB, "--certs", "id-cert"}, exitError, "NSS database password for " + pwDB + " not given: use --password-file FILE, the VSCARD_PASSWORD environment variable"},
 		{"unknown nickname", []string{"--nss", pwDB, "--certs", "nope"}, exitError, "id-cert"},
 		{"certs without nss", []string{"--certs", "id-cert"}, exitUsage, "--nss DB and --certs"},
 	} {

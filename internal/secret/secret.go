@@ -28,6 +28,13 @@ const MaxLen = 1024
 // ErrNotGiven is wrapped by Source.Get when no source has the secret.
 var ErrNotGiven = errors.New("secret not given")
 
+// notGiven is Get's error when no source has the secret: its text is for
+// the user, and it matches ErrNotGiven.
+type notGiven string
+
+func (e notGiven) Error() string        { return string(e) }
+func (e notGiven) Is(target error) bool { return target == ErrNotGiven }
+
 // errNoInput is readLine's answer at end of input.
 var errNoInput = errors.New("no input")
 
@@ -182,7 +189,7 @@ func (s Source) Get() (string, error) {
 		return v, nil
 	}
 	if s.Terminal == nil {
-		return "", fmt.Errorf("%w: %s: give it with %s FILE or the %s environment variable, or run at a terminal to be prompted", ErrNotGiven, s.What, s.FileFlag, s.EnvVar)
+		return "", notGiven(fmt.Sprintf("%s not given: use %s FILE, the %s environment variable, or run at a terminal to be prompted", s.What, s.FileFlag, s.EnvVar))
 	}
 	v, err := s.Terminal.ReadSecret(s.What + ": ")
 	if err != nil {

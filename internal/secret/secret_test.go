@@ -45,7 +45,7 @@ func TestGet(t *testing.T) {
 		{"confirm matches", Source{Confirm: true}, "1234\n1234\n", "1234", ""},
 		{"confirm differs", Source{Confirm: true}, "1234\n4321\n", "", "differ"},
 		{"nothing given", Source{What: "PKCS#12 password for a.p12", FileFlag: "--password-file", EnvVar: "OTHER", LookupEnv: vars}, "", "",
-			"PKCS#12 password for a.p12: give it with --password-file FILE or the OTHER environment variable, or run at a terminal"},
+			"PKCS#12 password for a.p12 not given: use --password-file FILE, the OTHER environment variable, or run at a terminal"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
