@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -69,7 +70,8 @@ func writeFile(t *testing.T, path, content string) string {
 }
 
 // makeRecipeDB makes dir/db with the QEMU documentation's certutil
-// recipe: a CA and id-cert it issued. An empty pw makes an
+// recipe: a CA and the id, signing and encryption certificates it
+// issued. An empty pw makes an
 // empty-password database. The serials are explicit (-m): certutil derives
 // the default serial from the clock in seconds, so a CA and a certificate
 // made within one second collide (SEC_ERROR_REUSED_ISSUER_AND_SERIAL).
@@ -90,6 +92,8 @@ func makeRecipeDB(t *testing.T, dir, pw string) string {
 	}
 	runTool(t, dir, "certutil", "-S", "-d", "sql:db", "-f", pwf, "-z", "noise", "-s", "CN=Fake Smart Card CA", "-x", "-t", "TC,TC,TC", "-n", "fake-smartcard-ca", "-m", "1")
 	runTool(t, dir, "certutil", "-S", "-d", "sql:db", "-f", pwf, "-z", "noise", "-t", ",,", "-s", "CN=John Doe", "-n", "id-cert", "-c", "fake-smartcard-ca", "-m", "2")
+	runTool(t, dir, "certutil", "-S", "-d", "sql:db", "-f", pwf, "-z", "noise", "-t", ",,", "-s", "CN=John Doe (signing)", "--nsCertType", "smime", "-n", "signing-cert", "-c", "fake-smartcard-ca", "-m", "3")
+	runTool(t, dir, "certutil", "-S", "-d", "sql:db", "-f", pwf, "-z", "noise", "-t", ",,", "-s", "CN=John Doe (encryption)", "--nsCertType", "sslClient", "-n", "encryption-cert", "-c", "fake-smartcard-ca", "-m", "4")
 	return "sql:" + db
 }
 
@@ -97,22 +101,35 @@ func makeRecipeDB(t *testing.T, dir, pw string) string {
 // CN=cn whose key signs verifiably, and the given PIN.
 func checkCard(t *testing.T, dir, cn, pin, caCN string) {
 	t.Helper()
+	checkCardCNs(t, dir, []string{cn}, pin, caCN)
+}
+
+// checkCardCNs opens the imported card and checks its credentials are
+// CN=cns in order, that each key signs verifiably, and the PIN and CA.
+func checkCardCNs(t *testing.T, dir string, cns []string, pin, caCN string) {
+	t.Helper()
 	c, err := store.Open(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
 	creds := c.Credentials()
-	if len(creds) != 1 || creds[0].Cert.Subject.CommonName != cn {
-		t.Fatalf("credentials %v, want one CN=%s", creds, cn)
+	var got []string
+	for _, cr := range creds {
+		got = append(got, cr.Cert.Subject.CommonName)
+	}
+	if !slices.Equal(got, cns) {
+		t.Fatalf("credentials %q, want %q", got, cns)
 	}
 	msg := []byte("signed by an imported key")
 	sum := sha256.Sum256(msg)
-	sig, err := creds[0].Key.Sign(rand.Reader, sum[:], crypto.SHA256)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := creds[0].Cert.CheckSignature(x509.SHA256WithRSA, msg, sig); err != nil {
-		t.Fatalf("imported key's signature does not verify: %v", err)
+	for _, cr := range creds {
+		sig, err := cr.Key.Sign(rand.Reader, sum[:], crypto.SHA256)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := cr.Cert.CheckSignature(x509.SHA256WithRSA, msg, sig); err != nil {
+			t.Fatalf("%s: imported key's signature does not verify: %v", cr.Label, err)
+		}
 	}
 	if _, err := c.PIN().Verify([]byte(pin)); err != nil {
 		t.Fatalf("PIN %q: %v", pin, err)
@@ -203,6 +220,8 @@ func TestCardImportPasswordSources(t *testing.T) {
 	runTool(t, tmp, "openssl", "pkcs12", "-export", "-in", td("rsa-pkcs1.crt"), "-inkey", td("rsa-pkcs1.key"), "-passout", "pass:s3cret", "-out", p12)
 	empty := filepath.Join(tmp, "empty.p12")
 	runTool(t, tmp, "openssl", "pkcs12", "-export", "-in", td("rsa-pkcs1.crt"), "-inkey", td("rsa-pkcs1.key"), "-passout", "pass:", "-out", empty)
+	p12b := filepath.Join(tmp, "b.p12")
+	runTool(t, tmp, "openssl", "pkcs12", "-export", "-in", td("rsa-pkcs8.crt"), "-inkey", td("rsa-pkcs8.key"), "-passout", "pass:s3cret", "-out", p12b)
 	nokey := filepath.Join(tmp, "nokey.p12")
 	runTool(t, tmp, "openssl", "pkcs12", "-export", "-nokeys", "-in", td("rsa-pkcs1.crt"), "-passout", "pass:", "-out", nokey)
 	pinFile := writeFile(t, filepath.Join(tmp, "pin"), "5678\n")
@@ -224,6 +243,7 @@ func TestCardImportPasswordSources(t *testing.T) {
 		{"wrong env password", map[string]string{envPassword: "nope"}, strings.NewReader(""), []string{"--p12", p12, "--pin", "1111"}, "", "wrong PKCS#12 password for " + p12, exitError},
 		{"wrong terminal password", nil, newTTY("nope\n"), []string{"--p12", p12, "--pin", "1111"}, "", "wrong PKCS#12 password for " + p12, exitError},
 		{"terminal PINs differ", map[string]string{envPassword: "s3cret"}, newTTY("1234\n4321\n"), []string{"--p12", p12}, "", "the two entries differ", exitError},
+		{"two files, one password", map[string]string{envPassword: "s3cret"}, strings.NewReader(""), []string{"--p12", p12b, "--p12", p12, "--pin", "2222"}, "2222", "", exitOK},
 		{"certificates only", nil, strings.NewReader(""), []string{"--p12", nokey, "--pin", "1111"}, "", nokey + ": no private key in the PKCS#12 file", exitError},
 		{"bad PIN from env", map[string]string{envPassword: "s3cret", envPIN: "12"}, strings.NewReader(""), []string{"--p12", p12}, "", "PIN must be 4 to 8 characters", exitUsage},
 	} {
@@ -244,7 +264,11 @@ func TestCardImportPasswordSources(t *testing.T) {
 				noDir(t, card)
 				return
 			}
-			checkCard(t, card, "Alice Import", tc.wantPIN, "")
+			want := []string{"Alice Import"}
+			if tc.name == "two files, one password" {
+				want = []string{"Alice Import (signing)", "Alice Import"}
+			}
+			checkCardCNs(t, card, want, tc.wantPIN, "")
 		})
 	}
 }
@@ -272,8 +296,8 @@ func TestCardImportNSS(t *testing.T) {
 		code    int
 		wantErr string
 	}{
-		{"password file", []string{"--nss", pwDB, "--certs", "id-cert", "--password-file", filepath.Join(pwDir, "dbpw")}, exitOK, ""},
-		{"empty password", []string{"--nss", emptyDB, "--certs", "id-cert"}, exitOK, ""},
+		{"password file", []string{"--nss", pwDB, "--certs", "id-cert,signing-cert,encryption-cert", "--password-file", filepath.Join(pwDir, "dbpw")}, exitOK, ""},
+		{"empty password", []string{"--nss", emptyDB, "--certs", "encryption-cert, id-cert"}, exitOK, ""},
 		{"wrong password", []string{"--nss", pwDB, "--certs", "id-cert", "--password-file", wrong}, exitError, "wrong NSS database password for " + pwDB},
 		{"no password, no terminal", []string{"--nss", pwDB, "--certs", "id-cert"}, exitError, "NSS database password for " + pwDB + " not given: use --password-file FILE, the VSCARD_PASSWORD environment variable"},
 		{"unknown nickname", []string{"--nss", pwDB, "--certs", "nope"}, exitError, "id-cert"},
@@ -289,7 +313,11 @@ func TestCardImportNSS(t *testing.T) {
 				noDir(t, card)
 				return
 			}
-			checkCard(t, card, "John Doe", "1234", "")
+			want := []string{"John Doe", "John Doe (signing)", "John Doe (encryption)"}
+			if tc.name == "empty password" {
+				want = []string{"John Doe (encryption)", "John Doe"}
+			}
+			checkCardCNs(t, card, want, "1234", "")
 		})
 	}
 }
