@@ -14,7 +14,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -34,14 +33,9 @@ var connNSSRecipe = [][]string{
 	{"-S", "-t", ",,", "-s", "CN=John Doe (encryption)", "--nsCertType", "sslClient", "-n", "encryption-cert", "-c", "fake-smartcard-ca"},
 }
 
-var (
-	connNSSMu  sync.Mutex
-	connNSSDBs = map[string]string{} // password → directory
-)
-
-// connNSSDB makes (once per package run) an NSS database with the issue 4
-// recipe; password "" uses --empty-password. Without certutil the test is
-// skipped, unless VSCARD_E2E=1 promises a full setup.
+// connNSSDB makes an NSS database with the issue 4 recipe in a temporary
+// directory of t; password "" uses --empty-password. Without certutil the
+// test is skipped, unless VSCARD_E2E=1 promises a full setup.
 func connNSSDB(t *testing.T, password string) string {
 	t.Helper()
 	if _, err := exec.LookPath("certutil"); err != nil {
@@ -50,15 +44,7 @@ func connNSSDB(t *testing.T, password string) string {
 		}
 		t.Skipf("certutil not found (libnss3-tools): %v", err)
 	}
-	connNSSMu.Lock()
-	defer connNSSMu.Unlock()
-	if d, ok := connNSSDBs[password]; ok {
-		return d
-	}
-	base, err := os.MkdirTemp("", "vscard-connect-nss")
-	if err != nil {
-		t.Fatal(err)
-	}
+	base := t.TempDir()
 	dir := filepath.Join(base, "db")
 	noise := filepath.Join(base, "noise")
 	pwfile := filepath.Join(base, "pw")
@@ -99,7 +85,6 @@ func connNSSDB(t *testing.T, password string) string {
 		}
 		certutil(args...)
 	}
-	connNSSDBs[password] = dir
 	return dir
 }
 
@@ -133,6 +118,7 @@ func connSW(resp []byte) uint16 {
 // database password is the PIN (an empty-password database takes any PIN
 // and the log warns), and a SIGN verifies against certutil's id-cert.
 func TestConnectNSS(t *testing.T) {
+	dbs := map[string]string{connNSSPassword: connNSSDB(t, connNSSPassword), "": connNSSDB(t, "")}
 	for _, tc := range []struct {
 		name     string
 		password string
@@ -141,7 +127,7 @@ func TestConnectNSS(t *testing.T) {
 		{"empty-password", ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			dir := connNSSDB(t, tc.password)
+			dir := dbs[tc.password]
 			cert := connNSSCert(t, dir, "id-cert")
 			pub := cert.PublicKey.(*rsa.PublicKey)
 			ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -224,10 +210,10 @@ func TestConnectNSS(t *testing.T) {
 			}
 		})
 	}
+	t.Run("errors", func(t *testing.T) { testConnectNSSErrors(t, dbs[connNSSPassword]) })
 }
 
-func TestConnectNSSErrors(t *testing.T) {
-	dir := connNSSDB(t, connNSSPassword)
+func testConnectNSSErrors(t *testing.T, dir string) {
 	old := t.TempDir()
 	os.WriteFile(filepath.Join(old, "cert8.db"), []byte("not a dbm file"), 0o600)
 	os.WriteFile(filepath.Join(old, "key3.db"), []byte("not a dbm file"), 0o600)
