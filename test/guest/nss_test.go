@@ -110,6 +110,9 @@ func TestGuestNSS(t *testing.T) {
 			}
 		})
 		t.Run("sign-verify-on-host", func(t *testing.T) {
+			if r == "password" {
+				t.Logf("a wrong PIN is refused:\n%s", step(t, r+"-wrong-pin").Output)
+			}
 			data := decodeB64(t, step(t, r+"-data"))
 			sig := decodeB64(t, step(t, r+"-sig"))
 			cert := recipeCert(t, dbs[r], "id-cert")

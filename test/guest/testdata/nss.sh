@@ -34,6 +34,10 @@ round() {
   # A signature with the ID key, PIN = database password, verified on the
   # host with certutil's id-cert.
   head -c 100 /dev/urandom >/tmp/$r.data
+  if [ "$r" = password ]; then
+    # Only the database password unlocks the keys.
+    step $r-wrong-pin sh -c "! pkcs11-tool --module $OPENSC --login --pin 99999999 --sign --id 0001 -m SHA256-RSA-PKCS -i /tmp/$r.data -o /tmp/$r.bad"
+  fi
   emit $r-data /tmp/$r.data
   poll 30 p11 --login --pin "$pin" --sign --id 0001 -m SHA256-RSA-PKCS -i /tmp/$r.data -o /tmp/$r.sig
   s=$?
