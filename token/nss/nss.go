@@ -7,7 +7,8 @@
 // An NSS "sql:" database is a directory with cert9.db (one table,
 // nssPublic: certificates, public keys, trust), key4.db (nssPrivate:
 // private keys; metaData: the password check and integrity MACs) and
-// pkcs11.txt (the module list, not read here). Every row is a PKCS#11
+// pkcs11.txt (the module list: only used to name the other PKCS#11
+// modules, such as SoftHSM, whose keys this package cannot reach). Every row is a PKCS#11
 // object whose attribute of type T lives in column "a" + T in lower-case
 // hex; CK_ULONG values are 4 bytes big-endian and an empty attribute is
 // the sentinel A5 00 5A (shared reference peers.md §6.1). A certificate
@@ -27,7 +28,8 @@
 // row "password" holds the global salt and an encrypted "password-check"
 // string, which tells a right password from a wrong one before any key is
 // touched. The integrity MACs (sig_key_*) are not checked: this package
-// never writes.
+// never writes. PBKDF2 iteration counts above a million (NSS writes 10000)
+// are refused so a hostile file cannot stall a card.
 //
 // # Password semantics
 //

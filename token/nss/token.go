@@ -69,6 +69,8 @@ type keyEntry struct {
 // error listing the nicknames present; a certificate without a private key
 // is an error. When several certificates share a nickname (a renewal),
 // the first in table order that has a private key is used.
+// A nickname may carry NSS's "NSS Certificate DB:" token prefix, as
+// libcacard accepts it.
 //
 // For an empty-password database the keys are decrypted now, PIN returns
 // nil and a warning is logged once per DB.
