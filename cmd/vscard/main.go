@@ -1,13 +1,17 @@
 // Command vscard is the vscard command-line tool: it makes virtual smart
-// cards and serves them to PC/SC (through vsmartcard's vpcd) and, in later
-// releases, to QEMU guests.
+// cards and serves them to PC/SC (through vsmartcard's vpcd) and to QEMU
+// guests (through ccid-card-passthru).
 //
 // Usage:
 //
-//	vscard card new DIR [flags]      make a CAC card with a CA and three certificates
-//	vscard card import DIR [flags]   make a card from existing PEM keys and certificates
-//	vscard card show DIR             print a card's certificates, serial and PIN state
+//	vscard card new DIR [flags]        make a CAC card with a CA and three certificates
+//	vscard card import DIR [flags]     make a card from PEM, PKCS#12 or an NSS database
+//	vscard card show DIR               print a card's certificates, serial and PIN state
+//	vscard card export-ca DIR          write the card's CA certificate
 //	vscard serve --card DIR --vpcd HOST:PORT [...]
+//	vscard connect [--card DIR | --nss DB --certs A,B,C] TARGET
+//	vscard ctl COMMAND                 control a running vscard connect
+//	vscard qemu-args [--socket TARGET] print the matching QEMU options
 //
 // Run "vscard help COMMAND" for the flags of each command.
 package main
@@ -48,7 +52,7 @@ type environ struct {
 
 func commands() []command {
 	return []command{
-		{"card", "make, import and inspect virtual cards (card new|import|show)", runCard},
+		{"card", "make, import, inspect and export virtual cards (card new|import|show|export-ca)", runCard},
 		{"serve", "serve cards to pcscd through vsmartcard's vpcd", runServe},
 		{"connect", "connect a card to a QEMU guest's ccid-card-passthru socket", runConnect},
 		{"ctl", "send a command (insert, remove, status, ...) to a running connect", runCtl},
