@@ -358,3 +358,106 @@ func TestECKey(t *testing.T) {
 		t.Error("cac.New accepted an EC credential")
 	}
 }
+
+// TestNSSWritesWhileOpen: the database is opened read-only and holds no
+// lock between calls, so certutil can keep writing while a card is served
+// (issue 4 §1), and a fresh Open sees the change.
+func TestNSSWritesWhileOpen(t *testing.T) {
+	certutil := needCertutil(t)
+	dir := t.TempDir()
+	for _, f := range []string{"cert9.db", "key4.db", "pkcs11.txt"} {
+		b, err := os.ReadFile(filepath.Join(testDB, f))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, f), b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	db, err := Open("sql:"+dir, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	tok, err := db.Token([]string{"cert1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	noise := filepath.Join(t.TempDir(), "noise")
+	buf := make([]byte, 2048)
+	rand.Read(buf)
+	os.WriteFile(noise, buf, 0o600)
+	cmd := exec.Command(certutil, "-S", "-d", "sql:"+dir, "-s", "CN=Added While Open", "-x", "-t", ",,", "-n", "added", "-z", noise, "-m", "4242")
+	cmd.Env = append(os.Environ(), "NSS_SDB_USE_CACHE=no")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("certutil -S while the database is open: %v\n%s", err, out)
+	}
+	// The open handle still works...
+	if _, err := db.Token([]string{"cert2"}); err != nil {
+		t.Errorf("Token after a concurrent write: %v", err)
+	}
+	checkSign(t, tok.Credentials()[0])
+	// ...and a fresh one sees the new certificate and its key.
+	db2, err := Open("sql:"+dir, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db2.Close()
+	tok2, err := db2.Token([]string{"added"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkSign(t, tok2.Credentials()[0])
+}
+
+// TestConcurrentVerifyAndSign runs VERIFY and raw RSA at the same time
+// (the race detector checks the key hand-over).
+func TestConcurrentVerifyAndSign(t *testing.T) {
+	dir := recipeDB(t, true)
+	db, err := Open("sql:"+dir, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	tok, err := db.Token(recipeNicks)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cr := tok.Credentials()[0]
+	pub := cr.Cert.PublicKey.(*rsa.PublicKey)
+	digest := sha256.Sum256([]byte("concurrent"))
+	block := pkcs1Block(pub, digest[:])
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	for range 4 {
+		wg.Go(func() {
+			for range 5 {
+				sig, err := cr.Key.(token.RawRSA).RawRSA(context.Background(), block)
+				if errors.Is(err, ErrLocked) {
+					continue
+				}
+				if err != nil {
+					errs <- err
+					return
+				}
+				if err := rsa.VerifyPKCS1v15(pub, crypto.SHA256, digest[:], sig); err != nil {
+					errs <- err
+					return
+				}
+			}
+		})
+	}
+	wg.Go(func() {
+		if _, err := tok.PIN().Verify([]byte(testPassword)); err != nil {
+			errs <- err
+		}
+	})
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	if _, err := cr.Key.(token.RawRSA).RawRSA(context.Background(), block); err != nil {
+		t.Errorf("RawRSA after VERIFY: %v", err)
+	}
+}
