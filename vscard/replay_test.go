@@ -5,6 +5,7 @@ import (
 	"context"
 	"net"
 	"slices"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -42,13 +43,24 @@ func TestReplayQEMUCapture(t *testing.T) {
 			ln, dial := listen(t)
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
-			cl := NewClient(dial, cd, &ClientOptions{QEMU54Workaround: true, MinBackoff: time.Hour})
+			// read counts the host messages the client has read, so that an
+			// action waits until the client has seen everything QEMU sent
+			// before it: an Error QEMU sent just before "! cancel" must not
+			// be read after the shutdown began and taken for a shutdown ack.
+			var read atomic.Int64
+			trace := func(e TraceEvent) {
+				if e.Dir == "in" {
+					read.Add(1)
+				}
+			}
+			cl := NewClient(dial, cd, &ClientOptions{QEMU54Workaround: true, MinBackoff: time.Hour, Trace: trace})
 			done := make(chan error, 1)
 			go func() { done <- cl.Run(ctx) }()
 
 			conn := accept(t, ln)
 			// QEMU's chardev without nodelay=on (peers.md §1.3).
 			conn.(*net.TCPConn).SetNoDelay(false)
+			var sent int64
 			for _, s := range script {
 				switch s.dir {
 				case "C":
@@ -63,7 +75,13 @@ func TestReplayQEMUCapture(t *testing.T) {
 							t.Fatalf("line %d: %v", s.line, err)
 						}
 					}
+					sent++
 				case "!":
+					for deadline := time.Now().Add(5 * time.Second); read.Load() < sent; time.Sleep(time.Millisecond) {
+						if time.Now().After(deadline) {
+							t.Fatalf("line %d: client read %d of %d host messages", s.line, read.Load(), sent)
+						}
+					}
 					var err error
 					switch s.action {
 					case "remove":
