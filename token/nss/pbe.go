@@ -1,31 +1,19 @@
 package nss
 
 import (
-	"crypto/aes"
 	"crypto/cipher"
 	"crypto/des"
 	"crypto/hmac"
-	"crypto/pbkdf2"
 	"crypto/sha1"
-	"crypto/sha256"
-	"crypto/sha512"
 	"encoding/asn1"
 	"errors"
 	"fmt"
-	"hash"
+
+	"github.com/vscard/vscard/internal/pbes2"
 )
 
 // Object identifiers of the encryption schemes key4.db uses (peers.md §6.2).
 var (
-	oidPBES2          = asn1.ObjectIdentifier{1, 2, 840, 113549, 1, 5, 13}
-	oidPBKDF2         = asn1.ObjectIdentifier{1, 2, 840, 113549, 1, 5, 12}
-	oidHMACSHA1       = asn1.ObjectIdentifier{1, 2, 840, 113549, 2, 7}
-	oidHMACSHA256     = asn1.ObjectIdentifier{1, 2, 840, 113549, 2, 9}
-	oidHMACSHA384     = asn1.ObjectIdentifier{1, 2, 840, 113549, 2, 10}
-	oidHMACSHA512     = asn1.ObjectIdentifier{1, 2, 840, 113549, 2, 11}
-	oidAES128CBC      = asn1.ObjectIdentifier{2, 16, 840, 1, 101, 3, 4, 1, 2}
-	oidAES192CBC      = asn1.ObjectIdentifier{2, 16, 840, 1, 101, 3, 4, 1, 22}
-	oidAES256CBC      = asn1.ObjectIdentifier{2, 16, 840, 1, 101, 3, 4, 1, 42}
 	oidPBESHA13DESCBC = asn1.ObjectIdentifier{1, 2, 840, 113549, 1, 12, 5, 1, 3}
 )
 
@@ -51,18 +39,6 @@ type algorithmIdentifier struct {
 type encryptedData struct {
 	Algo       algorithmIdentifier
 	Ciphertext []byte
-}
-
-type pbes2Params struct {
-	KDF    algorithmIdentifier
-	Cipher algorithmIdentifier
-}
-
-type pbkdf2Params struct {
-	Salt       []byte
-	Iterations int
-	KeyLength  int                 `asn1:"optional"`
-	PRF        algorithmIdentifier `asn1:"optional"`
 }
 
 // legacyParams are pbeWithSha1AndTripleDES-CBC's {entrySalt, iterations}.
@@ -91,8 +67,16 @@ func decryptPBE(der, globalSalt, pw []byte, maxIter int) ([]byte, error) {
 	hp := h.Sum(nil)
 
 	switch {
-	case ed.Algo.Algorithm.Equal(oidPBES2):
-		return decryptPBES2(ed, hp, maxIter)
+	case ed.Algo.Algorithm.Equal(pbes2.OID):
+		// The PBKDF2 "password" is SHA1(globalSalt||pw) as raw bytes.
+		pt, err := pbes2.Decrypt(ed.Algo.Params.FullBytes, hp, ed.Ciphertext, maxIter)
+		if errors.Is(err, pbes2.ErrPadding) {
+			return nil, errDecrypt
+		}
+		if err != nil {
+			return nil, fmt.Errorf("nss: %w", err)
+		}
+		return pt, nil
 	case ed.Algo.Algorithm.Equal(oidPBESHA13DESCBC):
 		var p legacyParams
 		if err := unmarshalAll(ed.Algo.Params.FullBytes, &p); err != nil {
@@ -117,74 +101,6 @@ func unmarshalAll(der []byte, v any) error {
 		return errors.New("trailing data")
 	}
 	return nil
-}
-
-func decryptPBES2(ed encryptedData, hp []byte, maxIter int) ([]byte, error) {
-	var p pbes2Params
-	if err := unmarshalAll(ed.Algo.Params.FullBytes, &p); err != nil {
-		return nil, fmt.Errorf("nss: PBES2 parameters: %w", err)
-	}
-	if !p.KDF.Algorithm.Equal(oidPBKDF2) {
-		return nil, fmt.Errorf("nss: unsupported PBES2 key derivation %v", p.KDF.Algorithm)
-	}
-	var kp pbkdf2Params
-	if err := unmarshalAll(p.KDF.Params.FullBytes, &kp); err != nil {
-		return nil, fmt.Errorf("nss: PBKDF2 parameters: %w", err)
-	}
-	if kp.Iterations < 1 || kp.Iterations > maxIter {
-		return nil, fmt.Errorf("nss: PBKDF2 iteration count %d out of range [1, %d]", kp.Iterations, maxIter)
-	}
-	var keyLen int
-	switch {
-	case p.Cipher.Algorithm.Equal(oidAES128CBC):
-		keyLen = 16
-	case p.Cipher.Algorithm.Equal(oidAES192CBC):
-		keyLen = 24
-	case p.Cipher.Algorithm.Equal(oidAES256CBC):
-		keyLen = 32
-	default:
-		return nil, fmt.Errorf("nss: unsupported PBES2 cipher %v", p.Cipher.Algorithm)
-	}
-	if kp.KeyLength != 0 && kp.KeyLength != keyLen {
-		return nil, fmt.Errorf("nss: PBKDF2 key length %d does not fit the cipher (%d)", kp.KeyLength, keyLen)
-	}
-	var prf func() hash.Hash
-	switch alg := kp.PRF.Algorithm; {
-	case len(alg) == 0 || alg.Equal(oidHMACSHA1):
-		// RFC 8018's default PRF when the field is absent.
-		prf = sha1.New
-	case alg.Equal(oidHMACSHA256):
-		prf = sha256.New
-	case alg.Equal(oidHMACSHA384):
-		prf = sha512.New384
-	case alg.Equal(oidHMACSHA512):
-		prf = sha512.New
-	default:
-		return nil, fmt.Errorf("nss: unsupported PBKDF2 PRF %v", alg)
-	}
-	var iv []byte
-	if err := unmarshalAll(p.Cipher.Params.FullBytes, &iv); err != nil {
-		return nil, fmt.Errorf("nss: AES IV: %w", err)
-	}
-	switch len(iv) {
-	case aes.BlockSize - 2:
-		// NSS quirk: it stores only 14 IV bytes; the real IV is the DER
-		// header 04 0E in front of them (peers.md §6.2).
-		iv = append([]byte{0x04, 0x0E}, iv...)
-	case aes.BlockSize:
-	default:
-		return nil, fmt.Errorf("nss: AES IV of %d bytes", len(iv))
-	}
-	// The PBKDF2 "password" is SHA1(globalSalt||pw) as raw bytes.
-	key, err := pbkdf2.Key(prf, string(hp), kp.Salt, kp.Iterations, keyLen)
-	if err != nil {
-		return nil, fmt.Errorf("nss: PBKDF2: %w", err)
-	}
-	block, err := aes.NewCipher(key)
-	if err != nil {
-		return nil, fmt.Errorf("nss: AES: %w", err)
-	}
-	return cbcDecrypt(block, iv, ed.Ciphertext)
 }
 
 // legacy3DESKey derives the key and IV of pbeWithSha1AndTripleDES-CBC as
@@ -216,20 +132,12 @@ func legacy3DESKey(hp, salt []byte) (key, iv []byte) {
 // cbcDecrypt decrypts CBC and strips PKCS#7 padding. Bad padding means a
 // wrong key, i.e. almost always a wrong password.
 func cbcDecrypt(block cipher.Block, iv, ct []byte) ([]byte, error) {
-	bs := block.BlockSize()
-	if len(ct) == 0 || len(ct)%bs != 0 {
-		return nil, fmt.Errorf("nss: ciphertext of %d bytes is not a whole number of %d-byte blocks", len(ct), bs)
-	}
-	out := make([]byte, len(ct))
-	cipher.NewCBCDecrypter(block, iv).CryptBlocks(out, ct)
-	n := int(out[len(out)-1])
-	if n == 0 || n > bs {
+	pt, err := pbes2.DecryptCBC(block, iv, ct)
+	if errors.Is(err, pbes2.ErrPadding) {
 		return nil, errDecrypt
 	}
-	for _, b := range out[len(out)-n:] {
-		if int(b) != n {
-			return nil, errDecrypt
-		}
+	if err != nil {
+		return nil, fmt.Errorf("nss: %w", err)
 	}
-	return out[:len(out)-n], nil
+	return pt, nil
 }
