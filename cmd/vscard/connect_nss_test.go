@@ -6,104 +6,27 @@ import (
 	"crypto"
 	"crypto/rsa"
 	"crypto/sha256"
-	"crypto/x509"
 	"encoding/hex"
-	"encoding/pem"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/vscard/vscard/internal/fakehost"
+	"github.com/vscard/vscard/internal/nsstest"
 )
 
 // connNSSPassword is the password of the test database made with one; it
 // is the card PIN.
 const connNSSPassword = "connect-nss-pw"
 
-// connNSSRecipe is the issue 4 recipe (QEMU's documentation); the test
-// adds -z and -f or --empty-password so certutil does not prompt.
-var connNSSRecipe = [][]string{
-	{"-S", "-s", "CN=Fake Smart Card CA", "-x", "-t", "TC,TC,TC", "-n", "fake-smartcard-ca"},
-	{"-S", "-t", ",,", "-s", "CN=John Doe", "-n", "id-cert", "-c", "fake-smartcard-ca"},
-	{"-S", "-t", ",,", "-s", "CN=John Doe (signing)", "--nsCertType", "smime", "-n", "signing-cert", "-c", "fake-smartcard-ca"},
-	{"-S", "-t", ",,", "-s", "CN=John Doe (encryption)", "--nsCertType", "sslClient", "-n", "encryption-cert", "-c", "fake-smartcard-ca"},
-}
-
 // connNSSDB makes an NSS database with the issue 4 recipe in a temporary
-// directory of t; password "" uses --empty-password. Without certutil the
-// test is skipped, unless VSCARD_E2E=1 promises a full setup.
+// directory of t; password "" uses --empty-password.
 func connNSSDB(t *testing.T, password string) string {
 	t.Helper()
-	if _, err := exec.LookPath("certutil"); err != nil {
-		if os.Getenv("VSCARD_E2E") == "1" {
-			t.Fatalf("certutil not found with VSCARD_E2E=1 (scripts/setup installs libnss3-tools): %v", err)
-		}
-		t.Skipf("certutil not found (libnss3-tools): %v", err)
-	}
-	base := t.TempDir()
-	dir := filepath.Join(base, "db")
-	noise := filepath.Join(base, "noise")
-	pwfile := filepath.Join(base, "pw")
-	if err := os.Mkdir(dir, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(noise, bytes.Repeat([]byte("connect noise "), 200), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(pwfile, []byte(password+"\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	certutil := func(args ...string) {
-		t.Helper()
-		cmd := exec.Command("certutil", args...)
-		cmd.Stdin = strings.NewReader("")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			t.Fatalf("certutil %q: %v\n%s", args, err, out)
-		}
-	}
-	db := "sql:" + dir
-	if password == "" {
-		certutil("-N", "-d", db, "--empty-password")
-	} else {
-		certutil("-N", "-d", db, "-f", pwfile)
-	}
-	for i, r := range connNSSRecipe {
-		if i > 0 {
-			// certutil derives the serial number from the clock in steps
-			// of 2^19 µs; a script faster than a typing user would get the
-			// same issuer and serial twice (SEC_ERROR_REUSED_ISSUER_AND_SERIAL).
-			time.Sleep(600 * time.Millisecond)
-		}
-		args := append([]string{"-d", db}, r...)
-		args = append(args, "-z", noise)
-		if password != "" {
-			args = append(args, "-f", pwfile)
-		}
-		certutil(args...)
-	}
-	return dir
-}
-
-// connNSSCert is what `certutil -L -n NICK -a` shows.
-func connNSSCert(t *testing.T, dir, nick string) *x509.Certificate {
-	t.Helper()
-	out, err := exec.Command("certutil", "-L", "-d", "sql:"+dir, "-n", nick, "-a").Output()
-	if err != nil {
-		t.Fatalf("certutil -L -n %s -a: %v", nick, err)
-	}
-	blk, _ := pem.Decode(out)
-	if blk == nil {
-		t.Fatalf("certutil -L -n %s -a: no PEM in %q", nick, out)
-	}
-	c, err := x509.ParseCertificate(blk.Bytes)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return c
+	return nsstest.MakeDB(t, t.TempDir(), password)
 }
 
 func connSW(resp []byte) uint16 {
@@ -128,7 +51,7 @@ func TestConnectNSS(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := dbs[tc.password]
-			cert := connNSSCert(t, dir, "id-cert")
+			cert := nsstest.Cert(t, dir, "id-cert")
 			pub := cert.PublicKey.(*rsa.PublicKey)
 			ln, err := net.Listen("tcp", "127.0.0.1:0")
 			if err != nil {

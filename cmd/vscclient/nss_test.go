@@ -6,9 +6,7 @@ import (
 	"crypto"
 	"crypto/rsa"
 	"crypto/sha256"
-	"crypto/x509"
 	"encoding/hex"
-	"encoding/pem"
 	"io"
 	"log/slog"
 	"net"
@@ -23,21 +21,12 @@ import (
 
 	"github.com/vscard/vscard/internal/emuopts"
 	"github.com/vscard/vscard/internal/fakehost"
+	"github.com/vscard/vscard/internal/nsstest"
 )
 
 // nssPassword is the password of the test database made with a password;
 // it is the card PIN.
 const nssPassword = "nss-pw-4711"
-
-// The issue 4 recipe (QEMU's documentation), made non-interactive with
-// -f/--empty-password and -z. The last field of each line is where the
-// password options go.
-var nssRecipe = [][]string{
-	{"-S", "-s", "CN=Fake Smart Card CA", "-x", "-t", "TC,TC,TC", "-n", "fake-smartcard-ca"},
-	{"-S", "-t", ",,", "-s", "CN=John Doe", "-n", "id-cert", "-c", "fake-smartcard-ca"},
-	{"-S", "-t", ",,", "-s", "CN=John Doe (signing)", "--nsCertType", "smime", "-n", "signing-cert", "-c", "fake-smartcard-ca"},
-	{"-S", "-t", ",,", "-s", "CN=John Doe (encryption)", "--nsCertType", "sslClient", "-n", "encryption-cert", "-c", "fake-smartcard-ca"},
-}
 
 var (
 	nssMu  sync.Mutex
@@ -64,67 +53,9 @@ func nssDB(t *testing.T, password string) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	dir := filepath.Join(base, "db")
-	noise := filepath.Join(base, "noise")
-	pwfile := filepath.Join(base, "pw")
-	if err := os.Mkdir(dir, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(noise, bytes.Repeat([]byte("vscard noise "), 200), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(pwfile, []byte(password+"\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	certutil := func(args ...string) {
-		t.Helper()
-		cmd := exec.Command("certutil", args...)
-		cmd.Stdin = strings.NewReader("")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			t.Fatalf("certutil %q: %v\n%s", args, err, out)
-		}
-	}
-	db := "sql:" + dir
-	if password == "" {
-		certutil("-N", "-d", db, "--empty-password")
-	} else {
-		certutil("-N", "-d", db, "-f", pwfile)
-	}
-	for i, r := range nssRecipe {
-		if i > 0 {
-			// certutil derives the serial number from the clock in steps
-			// of 2^19 µs; a script faster than a typing user would get the
-			// same issuer and serial twice (SEC_ERROR_REUSED_ISSUER_AND_SERIAL).
-			time.Sleep(600 * time.Millisecond)
-		}
-		args := append([]string{"-d", db}, r...)
-		args = append(args, "-z", noise)
-		if password != "" {
-			args = append(args, "-f", pwfile)
-		}
-		certutil(args...)
-	}
+	dir := nsstest.MakeDB(t, base, password)
 	nssDBs[password] = dir
 	return dir
-}
-
-// nssCert reads a certificate the way a user would check it:
-// certutil -L -n NICK -a.
-func nssCert(t *testing.T, dir, nick string) *x509.Certificate {
-	t.Helper()
-	out, err := exec.Command("certutil", "-L", "-d", "sql:"+dir, "-n", nick, "-a").Output()
-	if err != nil {
-		t.Fatalf("certutil -L -n %s -a: %v", nick, err)
-	}
-	blk, _ := pem.Decode(out)
-	if blk == nil {
-		t.Fatalf("certutil -L -n %s -a: no PEM in %q", nick, out)
-	}
-	c, err := x509.ParseCertificate(blk.Bytes)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return c
 }
 
 // TestMain removes the databases and the card store that the package's
@@ -268,7 +199,7 @@ func TestSessionNSS(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := nssDB(t, tc.password)
-			cert := nssCert(t, dir, "id-cert")
+			cert := nsstest.Cert(t, dir, "id-cert")
 			ln, err := net.Listen("tcp", "127.0.0.1:0")
 			if err != nil {
 				t.Fatal(err)
