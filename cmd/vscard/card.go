@@ -90,8 +90,13 @@ func newFlagSet(env *environ, name, usage string) *flag.FlagSet {
 	return fs
 }
 
-// oneDir checks for exactly one positional argument, the card directory.
-func oneDir(pos []string) (string, error) {
+// parseDir parses a card subcommand's flags, which may stand before or
+// after the card directory, and returns the one directory given.
+func parseDir(fs *flag.FlagSet, args []string) (string, error) {
+	pos, err := parseInterspersed(fs, args)
+	if err != nil {
+		return "", usageErr(err)
+	}
 	switch len(pos) {
 	case 0:
 		return "", fmt.Errorf("%w: missing card directory DIR", errUsage)
@@ -139,11 +144,7 @@ func runCardNew(_ context.Context, env *environ, args []string) error {
 	pin := fs.String("pin", "", "user PIN, 4-8 characters (default: generate 8 digits and print them once; \"-\" reads stdin)")
 	key := fs.String("key", "rsa2048", "key type: "+strings.Join(store.KeyTypes(), ", "))
 	tries := fs.Int("pin-tries", 3, "wrong PINs allowed before the PIN blocks (1-15)")
-	pos, err := parseInterspersed(fs, args)
-	if err != nil {
-		return usageErr(err)
-	}
-	dir, err := oneDir(pos)
+	dir, err := parseDir(fs, args)
 	if err != nil {
 		return err
 	}
@@ -427,11 +428,7 @@ func runCardImport(_ context.Context, env *environ, args []string) error {
 	pin := fs.String("pin", "", "user PIN, 4-8 characters (\"-\" reads stdin; see also --pin-file)")
 	pinFile := fs.String("pin-file", "", "file whose first line is the new card's PIN")
 	tries := fs.Int("pin-tries", 3, "wrong PINs allowed before the PIN blocks (1-15)")
-	pos, err := parseInterspersed(fs, args)
-	if err != nil {
-		return usageErr(err)
-	}
-	dir, err := oneDir(pos)
+	dir, err := parseDir(fs, args)
 	if err != nil {
 		return err
 	}
@@ -542,11 +539,7 @@ func runCardExportCA(_ context.Context, env *environ, args []string) error {
 	fs := newFlagSet(env, "card export-ca", "usage: vscard card export-ca DIR [--out FILE] [--der]\n\nWrites the card's CA certificate, for a guest's trust store.\n\nflags:")
 	out := fs.String("out", "", "write to FILE instead of standard output")
 	der := fs.Bool("der", false, "write DER instead of PEM")
-	pos, err := parseInterspersed(fs, args)
-	if err != nil {
-		return usageErr(err)
-	}
-	dir, err := oneDir(pos)
+	dir, err := parseDir(fs, args)
 	if err != nil {
 		return err
 	}
@@ -596,11 +589,7 @@ func serialHex(c *x509.Certificate) string {
 
 func runCardShow(_ context.Context, env *environ, args []string) error {
 	fs := newFlagSet(env, "card show", "usage: vscard card show DIR\n\nPrints a card's certificates and PIN state.")
-	pos, err := parseInterspersed(fs, args)
-	if err != nil {
-		return usageErr(err)
-	}
-	dir, err := oneDir(pos)
+	dir, err := parseDir(fs, args)
 	if err != nil {
 		return err
 	}
