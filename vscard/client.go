@@ -11,6 +11,7 @@ import (
 	"github.com/vscard/vscard/internal/netutil"
 	"log/slog"
 	"net"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -51,6 +52,12 @@ type ClientOptions struct {
 	// it on by default.
 	QEMU54Workaround bool
 
+	// NoReader starts the client without a reader: on each connection it
+	// only clears the host's reader (ReaderRemove) until AddReader is
+	// called. A physical reader that is not plugged in yet, or pcscd that
+	// is down, is such a case.
+	NoReader bool
+
 	// noQuickAck turns the TCP_QUICKACK re-arm off, so that benchmarks can
 	// show the stall it prevents.
 	noQuickAck bool
@@ -59,6 +66,7 @@ type ClientOptions struct {
 // ClientStatus is a snapshot of a Client's state.
 type ClientStatus struct {
 	Connected    bool      // a connection to the host is up and the handshake is done
+	Reader       bool      // the reader is present (see AddReader, RemoveReader)
 	Addr         string    // the host's address while connected
 	CardInserted bool      // the client holds a card (whether or not the host has it yet)
 	APDUs        uint64    // APDUs answered since NewClient
@@ -67,10 +75,12 @@ type ClientStatus struct {
 	Since        time.Time // when Connected last changed
 }
 
-// Errors returned by Client.Insert and Client.Remove.
+// Errors returned by Client.Insert, Remove, AddReader and RemoveReader.
 var (
-	ErrCardInserted = errors.New("vscard: a card is already inserted")
-	ErrNoCard       = errors.New("vscard: no card inserted")
+	ErrCardInserted  = errors.New("vscard: a card is already inserted")
+	ErrNoCard        = errors.New("vscard: no card inserted")
+	ErrReaderPresent = errors.New("vscard: the reader is already present")
+	ErrNoReader      = errors.New("vscard: no reader present")
 )
 
 // Client is the card owner's side of a VSCard link (the role of
@@ -89,10 +99,14 @@ type Client struct {
 	// recently removed, for Insert(nil).
 	card, last card.Card
 	sess       *session // the current connection, nil between connections
+	// reader reports whether the reader is plugged in (AddReader,
+	// RemoveReader); without it the host gets no ReaderAdd.
+	reader bool
 
-	stMu    sync.Mutex // guards st; separate so Status never waits for an APDU
-	st      ClientStatus
-	hasCard atomic.Bool // card != nil, readable without mu
+	stMu      sync.Mutex // guards st; separate so Status never waits for an APDU
+	st        ClientStatus
+	hasCard   atomic.Bool // card != nil, readable without mu
+	hasReader atomic.Bool // reader, readable without mu
 }
 
 // NewClient returns a Client that reaches its host through dial and serves
@@ -112,16 +126,18 @@ func NewClient(dial func(ctx context.Context) (net.Conn, error), c card.Card, op
 		o.MaxBackoff = 5 * time.Second
 	}
 	o.MaxBackoff = max(o.MaxBackoff, o.MinBackoff)
-	cl := &Client{dial: dial, o: o, card: c}
+	cl := &Client{dial: dial, o: o, card: c, reader: !o.NoReader}
 	cl.hasCard.Store(c != nil)
+	cl.hasReader.Store(cl.reader)
 	return cl
 }
 
 // Run connects to the host and serves the card until ctx is done. On each
 // connection it sends Init, waits for the host's Init, sends ReaderRemove
 // (clearing a reader left over from a previous connection, as vscclient
-// does) and ReaderAdd, and once both are acknowledged powers the card on
-// and sends its ATR. It then answers APDUs and Flush. When the connection
+// does) and ReaderAdd (unless the reader is absent: NoReader,
+// RemoveReader), and once both are acknowledged powers the card on and
+// sends its ATR. It then answers APDUs and Flush. When the connection
 // drops — QEMU restarted, the network went away — it reconnects with
 // backoff and replays the sequence, so the guest gets its card back
 // (QEMU ignores the socket closing and keeps the old card "inserted" until
@@ -223,12 +239,61 @@ func (c *Client) Remove() error {
 	return err
 }
 
+// AddReader plugs the reader in: if the link is up it sends ReaderAdd
+// and, once the host acknowledges it, the held card's ATR (otherwise both
+// go out when the link comes up). It fails with ErrReaderPresent if the
+// reader is there.
+func (c *Client) AddReader() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.reader {
+		return ErrReaderPresent
+	}
+	c.reader = true
+	c.hasReader.Store(true)
+	if s := c.sess; s != nil && s.gotInit && !s.closing {
+		return s.sendOut(MsgReaderAdd, MinimalReaderID, []byte(c.o.ReaderName))
+	}
+	return nil
+}
+
+// RemoveReader unplugs the reader: if the link is up it sends CardRemove
+// (if the host has the card) and ReaderRemove. A held card stays held and
+// is inserted again after AddReader. It fails with ErrNoReader if the
+// reader is not there.
+func (c *Client) RemoveReader() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.reader {
+		return ErrNoReader
+	}
+	c.reader = false
+	c.hasReader.Store(false)
+	s := c.sess
+	if s == nil || !s.gotInit || s.closing {
+		return nil
+	}
+	s.held = nil
+	if s.atrSent {
+		s.atrSent = false
+		c.card.PowerOff()
+		s.log.Info("card removed with its reader")
+		if err := s.sendOut(MsgCardRemove, s.reader, nil); err != nil {
+			return err
+		}
+	}
+	s.ready = false
+	s.log.Info("reader removed", "reader", s.reader)
+	return s.sendOut(MsgReaderRemove, s.reader, nil)
+}
+
 // Status returns a snapshot of the client's state.
 func (c *Client) Status() ClientStatus {
 	c.stMu.Lock()
 	s := c.st
 	c.stMu.Unlock()
 	s.CardInserted = c.hasCard.Load()
+	s.Reader = c.hasReader.Load()
 	return s
 }
 
@@ -511,10 +576,15 @@ func (s *session) handleInit(m Message) error {
 	s.gotInit = true
 	// QEMU keeps a card from a previous connection "inserted" (it ignores
 	// the socket closing), so remove any stale reader first, as vscclient
-	// does; then add ours. QEMU may answer the ReaderRemove before or after
-	// the ReaderAdd is sent (peers.md §1.3): both acks are counted in order.
+	// does; then add ours if it is plugged in. QEMU may answer the
+	// ReaderRemove before or after the ReaderAdd is sent (peers.md §1.3):
+	// both acks are counted in order.
 	if err := s.sendOut(MsgReaderRemove, MinimalReaderID, nil); err != nil {
 		return err
+	}
+	if !s.c.reader {
+		s.log.Info("no reader yet; waiting for one before adding it to the host")
+		return nil
 	}
 	return s.sendOut(MsgReaderAdd, MinimalReaderID, []byte(s.c.o.ReaderName))
 }
@@ -536,6 +606,11 @@ func (s *session) handleError(m Message) error {
 	s.expect = s.expect[1:]
 	switch what {
 	case MsgReaderAdd:
+		if slices.Contains(s.expect, MsgReaderAdd) || !s.c.reader {
+			// The reader was removed (and maybe added again) since this
+			// ReaderAdd went out; only the latest one counts.
+			return nil
+		}
 		if code != CodeOK {
 			return fmt.Errorf("vscard: host refused the reader: %v", code)
 		}
