@@ -101,7 +101,6 @@ var errorNames = map[Error]string{
 	ErrCardUnsupported:        "SCARD_E_CARD_UNSUPPORTED",
 	ErrNoService:              "SCARD_E_NO_SERVICE",
 	ErrServiceStopped:         "SCARD_E_SERVICE_STOPPED",
-	ErrUnexpected:             "SCARD_E_UNEXPECTED",
 	ErrICCInstallation:        "SCARD_E_ICC_INSTALLATION",
 	ErrICCCreateOrder:         "SCARD_E_ICC_CREATEORDER",
 	ErrUnsupportedFeature:     "SCARD_E_UNSUPPORTED_FEATURE",

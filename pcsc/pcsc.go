@@ -1,13 +1,37 @@
-// Package pcsc is a pure-Go client of pcscd's unix socket (no cgo).
+// Package pcsc is a pure-Go client of pcscd, the PC/SC daemon of
+// pcsc-lite: it speaks pcscd's unix-socket protocol directly, so it needs
+// neither cgo nor libpcsclite (peers.md §5.2).
+//
+// The API mirrors WinSCard. EstablishContext opens a Context, one socket
+// to pcscd (path from PCSCLITE_CSOCK_NAME, as in libpcsclite), negotiating
+// IPC protocol 4.4 or 4.5. Context.Connect gives a Card handle for
+// Transmit, Status, transactions, Control and GetAttrib. GetStatusChange
+// is built on the client side from pcscd's reader table and its
+// wait-for-event commands, exactly as libpcsclite builds it, including the
+// PnPNotification pseudo-reader for readers being plugged in or out.
+//
+// Concurrency: a Context and its Cards share one socket and one mutex, so
+// their calls are serialised; a GetStatusChange waiting for an event holds
+// the Context until it returns. Use one Context per goroutine that waits in
+// GetStatusChange, and another for card traffic, as with libpcsclite.
+// Cancel alone may be called from any goroutine: like SCardCancel it uses
+// a connection of its own to make pcscd end the wait. Calls that wait
+// while another handle holds the card (BeginTransaction, and Transmit,
+// Status and Reconnect like libpcsclite's) poll with the mutex released.
+//
+// Errors: a return code from pcscd is an Error (compare with errors.Is or
+// ==). When pcscd goes away, every call on the Context returns an error
+// wrapping ErrNoService from then on; establish a new Context once pcscd is
+// back. A reply that breaks the protocol (wrong size, a handle that is not
+// echoed, a length beyond its buffer, a reader name without NUL) closes
+// the connection with an error wrapping ErrCommError; the client never
+// trusts a length from pcscd beyond the protocol's fixed buffers.
 package pcsc
 
 import (
-	"context"
-	"errors"
 	"log/slog"
 	"os"
 	"strings"
-	"time"
 )
 
 // DefaultSocket is where pcscd listens unless PCSCLITE_CSOCK_NAME says otherwise.
@@ -141,66 +165,3 @@ type CardStatus struct {
 	Protocol Protocol
 	ATR      []byte
 }
-
-// Context is one connection to pcscd.
-type Context struct{}
-
-// Card is a handle from Connect.
-type Card struct{}
-
-var errTODO = errors.New("pcsc: not implemented yet")
-
-// EstablishContext connects to pcscd, offering IPC 4.4 and retrying as 4.5 on refusal.
-func EstablishContext(ctx context.Context, opts *Options) (*Context, error) { return nil, errTODO }
-
-// Release ends the context and closes its connections.
-func (c *Context) Release() error { return errTODO }
-
-// ListReaders names pcscd's readers; ErrNoReadersAvailable when none.
-func (c *Context) ListReaders() ([]string, error) { return nil, errTODO }
-
-// Readers is a snapshot of pcscd's reader states.
-func (c *Context) Readers() ([]ReaderInfo, error) { return nil, errTODO }
-
-// GetStatusChange waits until a reader's state differs from CurrentState.
-func (c *Context) GetStatusChange(ctx context.Context, timeout time.Duration, states []ReaderState) error {
-	return errTODO
-}
-
-// Cancel ends a GetStatusChange blocked in another goroutine.
-func (c *Context) Cancel() error { return errTODO }
-
-// Connect opens a card handle.
-func (c *Context) Connect(reader string, mode ShareMode, protocols Protocol) (*Card, error) {
-	return nil, errTODO
-}
-
-// Protocol is the active protocol.
-func (k *Card) Protocol() Protocol { return ProtocolUndefined }
-
-// Transmit sends one APDU with the active protocol's PCI.
-func (k *Card) Transmit(cmd []byte) ([]byte, error) { return nil, errTODO }
-
-// Status reports the reader, state, protocol and ATR.
-func (k *Card) Status() (CardStatus, error) { return CardStatus{}, errTODO }
-
-// Reconnect re-negotiates the share mode and protocol.
-func (k *Card) Reconnect(mode ShareMode, protocols Protocol, init Disposition) error { return errTODO }
-
-// Disconnect closes the handle.
-func (k *Card) Disconnect(d Disposition) error { return errTODO }
-
-// BeginTransaction waits while another handle holds the card.
-func (k *Card) BeginTransaction(ctx context.Context) error { return errTODO }
-
-// EndTransaction ends the transaction.
-func (k *Card) EndTransaction(d Disposition) error { return errTODO }
-
-// Control sends a reader control code.
-func (k *Card) Control(code uint32, in []byte) ([]byte, error) { return nil, errTODO }
-
-// CtlCode is pcsc-lite's SCARD_CTL_CODE: 0x42000000 + code.
-func CtlCode(code uint32) uint32 { return 0x42000000 + code }
-
-// GetAttrib reads a reader attribute.
-func (k *Card) GetAttrib(id uint32) ([]byte, error) { return nil, errTODO }
