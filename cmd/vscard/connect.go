@@ -28,6 +28,7 @@ import (
 )
 
 const connectUsage = `usage: vscard connect [flags] TARGET
+       vscard connect --pcsc [--reader NAME|all] [flags] TARGET [TARGET...]
 
 Connects a card to QEMU's ccid-card-passthru device (the role of libcacard's
 vscclient) and keeps it connected: when QEMU restarts or the socket drops, it
@@ -41,6 +42,17 @@ socket QEMU listens on:
 TLS to a chardev with tls-creds=...: QEMU's certificate is verified against
 the CA, and --tls-cert/--tls-key give the client certificate that
 verify-peer=on asks for.
+
+With --pcsc, the card is a physical one in a PC/SC reader, forwarded
+through pcscd: each APDU goes to the card verbatim, inside a PC/SC
+transaction, so host programs can use the card at the same time (--exclusive
+keeps them out). A card inserted, removed, or a reader plugged in or out,
+shows up in the guest likewise; one TARGET serves one reader (QEMU's
+ccid-card-passthru has one reader per chardev). --reader picks the reader:
+an exact name or a unique part of one (default: the first reader), or 'all'
+for every reader, each on the next free TARGET. A VERIFY that would use the
+card's last PIN try is refused (the guest gets 69 83) unless
+--allow-last-pin-try is given.
 
 While it runs, it takes commands on stdin and on its control socket
 ('vscard ctl COMMAND'): insert, remove, list, status, debug LEVEL, quit.
@@ -81,7 +93,10 @@ func runConnect(ctx context.Context, env *environ, args []string) error {
 			"next answer, and the guest's reader stays out of step until re-plugged")
 	nssDB := fs.String("nss", "", "serve certificates from the NSS database `DIR` (sql:DIR or DIR, made with certutil; its password is the PIN)")
 	certs := fs.String("certs", "", "with --nss: certificate `NICKNAMES`, comma-separated, in card order (e.g. id-cert,signing-cert,encryption-cert)")
-	pcsc := fs.String("pcsc", "", "forward the physical card in PC/SC `READER` (not supported yet: issue 5)")
+	usePCSC := fs.Bool("pcsc", false, "forward a physical card in a PC/SC reader (through pcscd) instead of a virtual card")
+	pcscReader := fs.String("reader", "", "with --pcsc: the PC/SC reader `NAME` (exact, or a unique part of it), or 'all' (default: the first reader)")
+	exclusive := fs.Bool("exclusive", false, "with --pcsc: hold the card exclusively; host programs cannot use it meanwhile")
+	allowLastPIN := fs.Bool("allow-last-pin-try", false, "with --pcsc: let the guest's VERIFY use the card's last PIN try (a wrong PIN then blocks the card)")
 	fs.Usage = func() {
 		fmt.Fprint(fs.Output(), connectUsage)
 		fs.PrintDefaults()
@@ -102,20 +117,36 @@ func runConnect(ctx context.Context, env *environ, args []string) error {
 	if *certs != "" && *nssDB == "" {
 		return fmt.Errorf("%w: --certs picks certificates of an NSS database: give --nss DIR too", errUsage)
 	}
-	if *pcsc != "" {
-		return errors.New("--pcsc: physical cards are not supported yet (issue 5)")
+	if *usePCSC && (*cardDir != "" || *nssDB != "") {
+		return fmt.Errorf("%w: --pcsc forwards a physical card; it does not go with --card or --nss", errUsage)
 	}
-	if fs.NArg() != 1 {
+	if !*usePCSC && (*pcscReader != "" || *exclusive || *allowLastPIN) {
+		return fmt.Errorf("%w: --reader, --exclusive and --allow-last-pin-try go with --pcsc", errUsage)
+	}
+	if *usePCSC {
+		if fs.NArg() == 0 {
+			return fmt.Errorf("%w: want at least one TARGET (tcp:HOST:PORT or unix:PATH)", errUsage)
+		}
+		if fs.NArg() > 1 && *pcscReader != "all" {
+			return fmt.Errorf("%w: %d TARGETs need --reader all (one TARGET per reader)", errUsage, fs.NArg())
+		}
+	} else if fs.NArg() != 1 {
 		return fmt.Errorf("%w: want exactly one TARGET (tcp:HOST:PORT or unix:PATH), got %d arguments", errUsage, fs.NArg())
 	}
-	tgt, err := parseTarget(fs.Arg(0))
-	if err != nil {
-		return fmt.Errorf("%w: %v", errUsage, err)
+	var tgts []target
+	var tlsCfgs []*tls.Config
+	for _, a := range fs.Args() {
+		tgt, err := parseTarget(a)
+		if err != nil {
+			return fmt.Errorf("%w: %v", errUsage, err)
+		}
+		cfg, err := clientTLSConfig(*tlsCA, *tlsCert, *tlsKey, *tlsServerName, tgt)
+		if err != nil {
+			return err
+		}
+		tgts, tlsCfgs = append(tgts, tgt), append(tlsCfgs, cfg)
 	}
-	tlsCfg, err := clientTLSConfig(*tlsCA, *tlsCert, *tlsKey, *tlsServerName, tgt)
-	if err != nil {
-		return err
-	}
+	tgt, tlsCfg := tgts[0], tlsCfgs[0]
 	var level slog.LevelVar
 	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
 		return fmt.Errorf("%w: --log-level %q: want debug, info, warn or error", errUsage, *logLevel)
@@ -127,7 +158,9 @@ func runConnect(ctx context.Context, env *environ, args []string) error {
 
 	var c card.Card
 	var desc string
-	if *cardDir != "" {
+	if *usePCSC {
+		// Below: a Bridge drives the readers instead of a fixed card.
+	} else if *cardDir != "" {
 		tok, err := store.OpenWith(*cardDir, store.OpenOptions{Logger: log})
 		if err != nil {
 			return err
@@ -178,6 +211,13 @@ func runConnect(ctx context.Context, env *environ, args []string) error {
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	if *usePCSC {
+		return runConnectPCSC(ctx, env, &pcscRun{
+			targets: tgts, tlsCfgs: tlsCfgs, reader: *pcscReader, exclusive: *exclusive, allowLastPIN: *allowLastPIN,
+			readerName: *readerName, noWorkaround: *noWorkaround, noStdin: *noStdin,
+			log: log, level: &level, trace: trace, ctl: ln, ctlPath: ctlPath, cancel: cancel,
+		})
+	}
 	client := vscard.NewClient(dialer(tgt, tlsCfg), c, &vscard.ClientOptions{
 		ReaderName:       *readerName,
 		Logger:           log,
