@@ -12,6 +12,9 @@
 //	vscard connect [--card DIR | --nss DB --certs A,B,C] TARGET
 //	vscard ctl COMMAND                 control a running vscard connect
 //	vscard qemu-args [--socket TARGET] print the matching QEMU options
+//	vscard readers [--watch] [--json]  list PC/SC readers, cards and ATRs
+//	vscard apdu [--reader R] HEX...    send APDUs to a card through pcscd
+//	vscard atr [--json] HEX...         decode an ATR
 //
 // Run "vscard help COMMAND" for the flags of each command.
 package main
@@ -57,6 +60,9 @@ func commands() []command {
 		{"connect", "connect a card to a QEMU guest's ccid-card-passthru socket", runConnect},
 		{"ctl", "send a command (insert, remove, status, ...) to a running connect", runCtl},
 		{"qemu-args", "print the QEMU options for 'vscard connect'", runQEMUArgs},
+		{"readers", "list PC/SC readers with card state and ATR (--watch for changes)", runReaders},
+		{"apdu", "send APDUs to a card in a PC/SC reader and print the responses", runAPDU},
+		{"atr", "decode an ATR: interface bytes, protocols, historical bytes", runATR},
 		{"version", "print the version", runVersion},
 	}
 }
