@@ -16,10 +16,19 @@ import (
 	"github.com/vscard/vscard/token/store"
 )
 
-// errHardware is for the sources of cards that issue 5 adds. Messages name
-// the option so the user knows which part of the command line is the
-// problem.
-var errHardware = errors.New("physical cards are not supported yet (issue 5)")
+// errTokens is for libcacard's mapping of hardware PKCS#11 tokens into
+// emulated CAC cards (use_hw=yes/removable with hw_type=CAC, nssemul):
+// vscard forwards physical cards as they are (passthru) or serves
+// certificates from a card store or an NSS database, and does not rebuild a
+// CAC card out of another token. Messages name the option so the user
+// knows which part of the command line is the problem.
+var errTokens = errors.New("mirroring hardware PKCS#11 tokens as emulated CAC cards is out of scope for vscard's vscclient; " +
+	"to forward a physical card use -e passthru (use_hw=yes hw_type=PASSTHRU), and to serve certificates use " +
+	"-e 'db=\"DIR\" use_hw=no soft=(,Reader,CAC,,id-cert,signing-cert,encryption-cert)' with a vscard card store or an NSS database DIR")
+
+// errPassthru tells selectCard's caller to forward the first PC/SC reader
+// instead of serving a soft card.
+var errPassthru = errors.New("passthru")
 
 // softCard is what the -e options select: one reader with a card made from
 // a card store or an NSS database.
@@ -34,15 +43,18 @@ type softCard struct {
 // selectCard checks the parsed options against what this vscclient can
 // serve and opens the card store or NSS database.
 func selectCard(o *emuopts.Options, log *slog.Logger) (*softCard, error) {
-	if o.HWType == emuopts.TypePassthru {
-		return nil, fmt.Errorf("passthru / hw_type=PASSTHRU: %w", errHardware)
+	if o.UseHW == emuopts.HWYes && o.HWType == emuopts.TypePassthru {
+		if len(o.Soft) > 0 {
+			// libcacard: passthru is incompatible with soft cards.
+			return nil, errors.New("passthru (use_hw=yes hw_type=PASSTHRU) forwards a physical card; it does not go with soft=(...)")
+		}
+		return nil, errPassthru
 	}
 	if o.UseHWGiven && o.UseHW != emuopts.HWNo {
-		return nil, fmt.Errorf("use_hw=%s: %w; use use_hw=no with soft=(...)", o.UseHW, errHardware)
+		return nil, fmt.Errorf("use_hw=%s hw_type=%s: %w", o.UseHW, o.HWType, errTokens)
 	}
 	if len(o.Soft) == 0 {
-		return nil, fmt.Errorf("no soft=(...) card given, and mapping hardware tokens (libcacard's default use_hw=yes) is not supported yet (issue 5); "+
-			"use -e 'db=\"DIR\" use_hw=no soft=(,Reader,CAC,,id-cert,signing-cert,encryption-cert)' with an NSS database or card store DIR: %w", errHardware)
+		return nil, fmt.Errorf("no soft=(...) card given (libcacard's default use_hw=yes maps hardware PKCS#11 tokens): %w", errTokens)
 	}
 	if len(o.Soft) > 1 {
 		// QEMU's passthru answers every ReaderAdd with reader 0, so only one
@@ -51,7 +63,7 @@ func selectCard(o *emuopts.Options, log *slog.Logger) (*softCard, error) {
 	}
 	sc := o.Soft[0]
 	if sc.Type != emuopts.TypeCAC {
-		return nil, fmt.Errorf("soft=(...,%s,...): %w", sc.Type, errHardware)
+		return nil, fmt.Errorf("soft=(...,%s,...): a soft card is a CAC card; to forward a physical card use -e passthru without soft=(...)", sc.Type)
 	}
 	if isNSSDB(o.DB) {
 		return openNSS(o.DB, sc, log)

@@ -19,8 +19,16 @@
 // nicknames, or a store's labels (see pickCredentials). The NSS database
 // password is the card PIN; a database with an empty password accepts any
 // PIN, as with libcacard, and vscclient warns that its keys are effectively
-// unprotected. Physical cards (use_hw=yes, passthru, -p; issue 5) are not
-// supported yet and say so.
+// unprotected.
+//
+// Physical cards: -e passthru (or use_hw=yes hw_type=PASSTHRU) forwards the
+// first PC/SC reader and its card through pcscd, with hot-plug, shared with
+// host programs, and refusing the guest a VERIFY that would use the card's
+// last PIN try (card/passthru). -p serves the soft card and also sends each
+// APDU to the card in the first PC/SC reader, printing where the answers
+// differ, as libcacard's vscclient does. Rebuilding CAC cards out of
+// hardware PKCS#11 tokens (use_hw=yes hw_type=CAC, use_hw=removable,
+// nssemul) is out of scope and says so.
 //
 // # Differences from libcacard's vscclient
 //
@@ -48,7 +56,9 @@ import (
 	"strings"
 	"syscall"
 
+	"github.com/vscard/vscard/card"
 	"github.com/vscard/vscard/card/cac"
+	"github.com/vscard/vscard/card/passthru"
 	"github.com/vscard/vscard/internal/emuopts"
 	"github.com/vscard/vscard/internal/netutil"
 	"github.com/vscard/vscard/vscard"
@@ -68,10 +78,12 @@ const usageText = `usage: vscclient [-c certname]... [-e emul_args] [-d level] [
                a card store label such as id, signing, encryption)
  -e emul_args  libcacard options, e.g.
                'db="sql:DIR" use_hw=no soft=(,Test,CAC,,id-cert,signing-cert,encryption-cert)'
+               or 'passthru' to forward the first PC/SC reader's card
                where DIR is an NSS database (certutil -N -d sql:DIR; its
                password is the PIN) or a vscard card store ('vscard card new DIR')
  -d level      debug level: 0 info, 1-10 debug, >10 also every message
- -p            use a physical card (not supported yet: issue 5)
+ -p            also send each APDU to the card in the first PC/SC reader and
+               print where its answers differ from the soft card's
  -no-qemu54-workaround
                send 54-byte responses whole (QEMU 7.2 usb-ccid then loses sync)
 stdin commands: insert [id], remove [id], select id, list, debug [level], exit
@@ -214,10 +226,6 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		fmt.Fprintf(stderr, "vscclient: too many certs (max = %d)\n", maxCertNames)
 		return exitTooMany
 	}
-	if cfg.pcsc {
-		fmt.Fprintln(stderr, "vscclient: -p: physical cards are not supported yet (issue 5)")
-		return exitError
-	}
 	if err := serve(ctx, cfg, stdin, stdout, stderr); err != nil {
 		fmt.Fprintf(stderr, "vscclient: %v\n", err)
 		return exitError
@@ -235,6 +243,12 @@ func serve(ctx context.Context, cfg *config, stdin io.Reader, stdout, stderr io.
 		return fmt.Errorf("-e: %w", err)
 	}
 	sc, err := selectCard(opts, log)
+	if errors.Is(err, errPassthru) {
+		if cfg.pcsc {
+			return errors.New("-p compares a soft card with the physical one; with passthru the physical card is the one served")
+		}
+		return servePassthru(ctx, cfg, &level, log, stdin, stdout, stderr)
+	}
 	if err != nil {
 		return err
 	}
@@ -245,13 +259,41 @@ func serve(ctx context.Context, cfg *config, stdin io.Reader, stdout, stderr io.
 	if err != nil {
 		return fmt.Errorf("card %s: %w", sc.dir, err)
 	}
-	var trace func(vscard.TraceEvent)
-	if cfg.debug > 10 {
-		// vscclient prints every message above level 10.
-		trace = vscard.JSONTrace(stderr)
+	var served card.Card = c
+	if cfg.pcsc {
+		m := newMirror(ctx, c, stdout, log)
+		defer m.Close()
+		served = m
 	}
+	trace := traceFor(cfg, stderr)
+	addr, dial := dialFor(cfg)
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	client := vscard.NewClient(dial, served, &vscard.ClientOptions{
+		ReaderName:       sc.reader,
+		Logger:           log,
+		Trace:            trace,
+		QEMU54Workaround: !cfg.noWorkaround,
+	})
+	log.Info("serving card", "db", sc.dir, "reader", sc.reader, "certificates", strings.Join(sc.labels, ","), "host", addr)
+	s := &session{client: client, card: served, reader: sc.reader, level: &level, debug: cfg.debug, quit: cancel, out: stdout}
+	go s.loop(ctx, stdin, log)
+	return client.Run(ctx)
+}
+
+// traceFor is the message trace: vscclient prints every message above
+// level 10.
+func traceFor(cfg *config, stderr io.Writer) func(vscard.TraceEvent) {
+	if cfg.debug > 10 {
+		return vscard.JSONTrace(stderr)
+	}
+	return nil
+}
+
+// dialFor returns the host's address and the dial function for the client.
+func dialFor(cfg *config) (string, func(ctx context.Context) (net.Conn, error)) {
 	addr := net.JoinHostPort(cfg.host, cfg.port)
-	dial := func(ctx context.Context) (net.Conn, error) {
+	return addr, func(ctx context.Context) (net.Conn, error) {
 		var d net.Dialer
 		nc, err := d.DialContext(ctx, "tcp", addr)
 		if err != nil {
@@ -259,24 +301,14 @@ func serve(ctx context.Context, cfg *config, stdin io.Reader, stdout, stderr io.
 		}
 		return netutil.LowLatency(nc), nil
 	}
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	client := vscard.NewClient(dial, c, &vscard.ClientOptions{
-		ReaderName:       sc.reader,
-		Logger:           log,
-		Trace:            trace,
-		QEMU54Workaround: !cfg.noWorkaround,
-	})
-	log.Info("serving card", "db", sc.dir, "reader", sc.reader, "certificates", strings.Join(sc.labels, ","), "host", addr)
-	s := &session{client: client, card: c, reader: sc.reader, level: &level, debug: cfg.debug, quit: cancel, out: stdout}
-	go s.loop(ctx, stdin, log)
-	return client.Run(ctx)
 }
 
 // session runs vscclient's stdin commands (protocols.md §2.4).
 type session struct {
 	client *vscard.Client
-	card   *cac.Card
+	card   card.Card
+	// bridge, with passthru, drives the reader and card instead of card.
+	bridge *passthru.Bridge
 	reader string
 	level  *slog.LevelVar
 	debug  int
@@ -329,6 +361,12 @@ func (s *session) handle(line string) string {
 		if err := readerID(args); err != nil {
 			return err.Error()
 		}
+		if s.bridge != nil {
+			if err := s.bridge.Reinsert(context.Background()); err != nil {
+				return "error: " + err.Error()
+			}
+			return "card inserted"
+		}
 		if err := s.client.Insert(s.card); err != nil {
 			if errors.Is(err, vscard.ErrCardInserted) {
 				return "error: card already inserted"
@@ -339,6 +377,12 @@ func (s *session) handle(line string) string {
 	case "remove":
 		if err := readerID(args); err != nil {
 			return err.Error()
+		}
+		if s.bridge != nil {
+			if err := s.bridge.Eject(); err != nil {
+				return "error: " + err.Error()
+			}
+			return "card removed"
 		}
 		if err := s.client.Remove(); err != nil {
 			if errors.Is(err, vscard.ErrNoCard) {
@@ -361,7 +405,15 @@ func (s *session) handle(line string) string {
 		if st.CardInserted {
 			present = "CARD_PRESENT"
 		}
-		line := fmt.Sprintf("%3d %s %s", 0, present, s.reader)
+		reader := s.reader
+		if s.bridge != nil {
+			if bs := s.bridge.Status(); bs.Slots[0].Reader != "" {
+				reader = bs.Slots[0].Reader
+			} else {
+				return "Active Readers:\nInactive Readers:\n(no PC/SC reader yet)"
+			}
+		}
+		line := fmt.Sprintf("%3d %s %s", 0, present, reader)
 		if st.Connected {
 			return "Active Readers:\n" + line + "\nInactive Readers:"
 		}

@@ -85,7 +85,9 @@ func TestRunExitCodes(t *testing.T) {
 	}{
 		{[]string{"host"}, exitUsage, "usage"},
 		{append(many, "h", "1"), exitTooMany, "too many certs (max = 100)"},
-		{[]string{"-p", "h", "1"}, exitError, "not supported yet (issue 5)"},
+		{[]string{"-p", "h", "1"}, exitError, "hardware PKCS#11 tokens as emulated CAC cards is out of scope"},
+		{[]string{"-p", "-e", "passthru", "h", "1"}, exitError, "with passthru the physical card is the one served"},
+		{[]string{"-e", "nssemul", "h", "1"}, exitError, "use -e passthru"},
 		{[]string{"-e", "bogus", "h", "1"}, exitError, `Error: Unknown smartcard specification. ("bogus")`},
 		{[]string{"-h"}, exitOK, "stdin commands"},
 	} {
@@ -128,15 +130,16 @@ func TestSelectCard(t *testing.T) {
 	empty := t.TempDir()
 	log := slog.New(slog.DiscardHandler)
 	for _, tc := range []struct {
-		emul   string
-		labels []string
-		reader string
-		err    string
+		emul     string
+		labels   []string
+		reader   string
+		passthru bool
+		err      string
 	}{
 		{emul: `db="` + dir + `" use_hw=no soft=(,Test,CAC,,id,sign,enc)`, labels: []string{"id", "signing", "encryption"}, reader: "Test"},
 		{emul: `db="sql:` + dir + `" use_hw=no soft=(,Virtual Reader,CAC,,encryption-cert,id-cert)`, labels: []string{"encryption", "id"}, reader: "Virtual Reader"},
 		{emul: `db="` + dir + `" use_hw=no soft=(,R,cac,,cert2,)`, labels: []string{"signing"}, reader: "R"},
-		// Without use_hw=, soft cards are served (hardware mapping is issue 5).
+		// Without use_hw=, soft cards are served (hardware tokens are not mapped).
 		{emul: `db="` + dir + `" soft=(,R,CAC,,signing)`, labels: []string{"signing"}, reader: "R"},
 		{emul: `db="` + dir + `" use_hw=no soft=(,R,CAC,,id,nope)`, err: `no certificate "nope"; the card has id, signing, encryption`},
 		{emul: `db="` + dir + `" use_hw=no soft=(,R,CAC,,id,identity)`, err: "same as"},
@@ -146,17 +149,29 @@ func TestSelectCard(t *testing.T) {
 		{emul: `db="` + empty + `" use_hw=no soft=(,R,CAC,,id)`, err: "neither an NSS database (no cert9.db) nor a vscard card store"},
 		{emul: `db="/nonexistent/x" use_hw=no soft=(,R,CAC,,id)`, err: "no such directory"},
 		{emul: `use_hw=no`, err: "no soft=(...) card given"},
-		{emul: ``, err: "not supported yet (issue 5)"},
-		{emul: `use_hw=yes soft=(,R,CAC,,id)`, err: "use_hw=yes: physical cards are not supported yet (issue 5)"},
-		{emul: `use_hw=removable`, err: "use_hw=removable"},
-		{emul: `passthru`, err: "passthru / hw_type=PASSTHRU"},
-		{emul: `db="` + dir + `" use_hw=no soft=(,R,PASSTHRU,,id)`, err: "issue 5"},
+		{emul: ``, err: "no soft=(...) card given (libcacard's default use_hw=yes maps hardware PKCS#11 tokens): mirroring hardware PKCS#11 tokens as emulated CAC cards is out of scope"},
+		{emul: `use_hw=yes soft=(,R,CAC,,id)`, err: "use_hw=yes hw_type=CAC: mirroring hardware PKCS#11 tokens"},
+		{emul: `use_hw=removable`, err: "use_hw=removable hw_type=CAC: mirroring hardware PKCS#11 tokens"},
+		{emul: `nssemul`, err: "use -e passthru (use_hw=yes hw_type=PASSTHRU)"},
+		{emul: `use_hw=removable hw_type=PASSTHRU`, err: "out of scope"},
+		{emul: `passthru`, passthru: true},
+		{emul: `use_hw=yes hw_type=PASSTHRU`, passthru: true},
+		{emul: `hw_type=passthru`, passthru: true},
+		{emul: `db="` + dir + `" passthru soft=(,R,CAC,,id)`, err: "does not go with soft=(...)"},
+		{emul: `db="` + dir + `" use_hw=no soft=(,R,PASSTHRU,,id)`, err: "a soft card is a CAC card"},
 	} {
 		o, err := emuopts.Parse(tc.emul)
 		if err != nil {
 			t.Fatal(err)
 		}
 		sc, err := selectCard(o, log)
+		if tc.passthru != errors.Is(err, errPassthru) {
+			t.Errorf("%s: %v; want passthru %v", tc.emul, err, tc.passthru)
+			continue
+		}
+		if tc.passthru {
+			continue
+		}
 		if tc.err != "" {
 			if err == nil || !strings.Contains(err.Error(), tc.err) {
 				t.Errorf("%s: %v, want error %q", tc.emul, err, tc.err)
