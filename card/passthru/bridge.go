@@ -366,8 +366,14 @@ func (b *Bridge) putIn(ctx context.Context, i int, bd *binding) {
 	}
 	c, err := b.o.open(ctx, bd.reader)
 	if err != nil {
+		// Retried every Retry: say it once per new reason (an exclusive
+		// holder may keep the card for a long time).
+		level := slog.LevelDebug
+		if err.Error() != bd.lastErr {
+			level = slog.LevelWarn
+		}
 		bd.lastErr = err.Error()
-		b.log.Warn("cannot open the card; retrying", "pcsc_reader", bd.reader, "err", err)
+		b.log.Log(ctx, level, "cannot open the card; retrying", "pcsc_reader", bd.reader, "err", err, "every", b.o.Retry)
 		return
 	}
 	if err := b.slots[i].Insert(c); err != nil {
@@ -451,14 +457,20 @@ func (b *Bridge) Reinsert(ctx context.Context) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	n := 0
+	var errs []error
 	for i, bd := range b.bound {
 		if bd != nil && bd.present && bd.card == nil {
 			bd.held = false
 			b.putIn(ctx, i, bd)
 			if bd.card != nil {
 				n++
+			} else {
+				errs = append(errs, fmt.Errorf("%s: %s", bd.reader, bd.lastErr))
 			}
 		}
+	}
+	if n == 0 && len(errs) > 0 {
+		return fmt.Errorf("cannot open the card (retrying): %w", errors.Join(errs...))
 	}
 	if n == 0 {
 		return errors.New("no card to insert: no card is in a forwarded reader, or it is already inserted")

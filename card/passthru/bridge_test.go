@@ -4,12 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/vscard/vscard/card"
+	"github.com/vscard/vscard/pcsc"
 )
 
 // fakeSlot records what the bridge does to a virtual reader, in the
@@ -251,5 +253,49 @@ func TestMatchReader(t *testing.T) {
 		if got != tc.got || ok != tc.ok || (err == nil) != (tc.err == "") || (err != nil && !strings.Contains(err.Error(), tc.err)) {
 			t.Errorf("MatchReader(%q) = %q, %v, %v; want %q, %v, %q", tc.want, got, ok, err, tc.got, tc.ok, tc.err)
 		}
+	}
+}
+
+// TestBridgeOpenFailureRetries: a card that cannot be opened (held
+// exclusively by another program) is retried until it opens, and the
+// warning is logged once, not at every retry.
+func TestBridgeOpenFailureRetries(t *testing.T) {
+	lb := &logBuf{}
+	slot := &fakeSlot{}
+	events := make(chan Event)
+	var mu sync.Mutex
+	fails := 5
+	b := NewBridge([]Slot{slot}, &BridgeOptions{
+		Retry:  5 * time.Millisecond,
+		Logger: slog.New(slog.NewTextHandler(lb, nil)),
+		watch:  func(context.Context) <-chan Event { return events },
+		open: func(_ context.Context, name string) (forwarded, error) {
+			mu.Lock()
+			defer mu.Unlock()
+			if fails > 0 {
+				fails--
+				return nil, pcsc.ErrSharingViolation
+			}
+			return &fakeFwd{reader: name}, nil
+		},
+	})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { b.Run(ctx); close(done) }()
+	defer func() { cancel(); close(events); <-done }()
+	events <- Event{Kind: ReaderAdded, Reader: "A"}
+	events <- ins("A")
+	deadline := time.Now().Add(5 * time.Second)
+	for !slot.HoldsCard() {
+		if time.Now().After(deadline) {
+			t.Fatalf("card never inserted: %s\n%s", slot.log(), lb)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if n := strings.Count(lb.String(), "cannot open the card"); n != 1 {
+		t.Errorf("open failure logged %d times, want once:\n%s", n, lb)
+	}
+	if st := b.Status(); st.Slots[0].LastErr != "" {
+		t.Errorf("last error %q after a successful open", st.Slots[0].LastErr)
 	}
 }
