@@ -151,22 +151,42 @@ func Start(t testing.TB, port int, reader string) *Proc {
 // nPA, ... Only iso7816's ATR is checked on insertion.
 func StartType(t testing.TB, typ string, port int, reader string) *Proc {
 	t.Helper()
-	site, err := pythonPath()
-	if err != nil {
+	if err := Available(); err != nil {
 		skipOrFail(t, "%v", err)
 	}
 	if err := pcscReachable(); err != nil {
 		skipOrFail(t, "vicc: no pcscd to attach to (run the test under scripts/with-pcscd): %v", err)
 	}
 	dir := t.TempDir()
+	env, err := Env(dir)
+	if err != nil {
+		t.Fatalf("%v", err)
+	}
+	p := &Proc{t: t, port: port, reader: reader, env: env, dir: dir, typ: typ}
+	t.Cleanup(p.cleanup)
+	p.Start()
+	return p
+}
+
+// Env returns the environment vicc needs on Debian 12, for running it
+// some other way than Start (from a script, in another namespace): the
+// current environment with PYTHONPATH replaced by vicc's module directory
+// and a Crypto -> Cryptodome shim made in dir (peers.md appendix "running
+// vicc"). Run it as: /usr/bin/python3 /usr/bin/vicc -t iso7816 -H 127.0.0.1 -P PORT.
+func Env(dir string) ([]string, error) {
+	site, err := pythonPath()
+	if err != nil {
+		return nil, err
+	}
 	// The PyCrypto shim: vicc does "from Crypto.Cipher import ..." and Debian
 	// ships that API only as Cryptodome (peers.md appendix "running vicc").
 	shim := filepath.Join(dir, "pyshim")
 	if err := os.MkdirAll(shim, 0o755); err != nil {
-		t.Fatalf("vicc: %v", err)
+		return nil, fmt.Errorf("vicc: %w", err)
 	}
-	if err := os.Symlink(cryptodom, filepath.Join(shim, "Crypto")); err != nil {
-		t.Fatalf("vicc: Crypto shim: %v", err)
+	link := filepath.Join(shim, "Crypto")
+	if err := os.Symlink(cryptodom, link); err != nil && !errors.Is(err, os.ErrExist) {
+		return nil, fmt.Errorf("vicc: Crypto shim: %w", err)
 	}
 	env := []string{"PYTHONPATH=" + site + string(os.PathListSeparator) + shim, "PYTHONDONTWRITEBYTECODE=1"}
 	for _, kv := range os.Environ() {
@@ -177,10 +197,13 @@ func StartType(t testing.TB, typ string, port int, reader string) *Proc {
 		}
 		env = append(env, kv)
 	}
-	p := &Proc{t: t, port: port, reader: reader, env: env, dir: dir, typ: typ}
-	t.Cleanup(p.cleanup)
-	p.Start()
-	return p
+	return env, nil
+}
+
+// Argv is the command line of vicc emulating typ against vpcd on
+// 127.0.0.1:port, with Debian's interpreter.
+func Argv(typ string, port int) []string {
+	return []string{python, viccBin, "-t", typ, "-H", "127.0.0.1", "-P", strconv.Itoa(port)}
 }
 
 // pcscReachable checks that a pcscd answers on the client socket.
@@ -236,7 +259,8 @@ func (p *Proc) Start() {
 		p.mu.Unlock()
 		p.t.Fatalf("vicc: log file: %v", err)
 	}
-	cmd := exec.Command(python, viccBin, "-t", p.typ, "-H", "127.0.0.1", "-P", strconv.Itoa(p.port))
+	argv := Argv(p.typ, p.port)
+	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Env = p.env
 	cmd.Dir = p.dir
 	cmd.Stdout = logf

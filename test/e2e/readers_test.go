@@ -7,6 +7,8 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"net"
+	"os"
 	"os/exec"
 	"regexp"
 	"strconv"
@@ -391,5 +393,118 @@ func TestReadersWatchViccHotplug(t *testing.T) {
 	}
 	if !strings.Contains(stderr.String(), "Waiting for card insertion/removal") {
 		t.Errorf("--watch did not say what it waits for; stderr:\n%s", stderr.String())
+	}
+}
+
+// restartScript runs in a mount namespace of its own, with a pcscd of its
+// own (the run's pcscd must not be stopped under the other tests): start
+// pcscd, start `vscard readers --watch --json`, stop pcscd, start it
+// again, then insert and remove a vicc card. Arguments: work directory,
+// vscard binary, vpcd port, then vicc's command line.
+const restartScript = `set -eu
+work=$1 vscard=$2 port=$3; shift 3
+pd= w= v=
+trap 'for p in $v $w $pd; do kill $p 2>/dev/null || true; done' EXIT
+mount -t tmpfs -o mode=0755 tmpfs /run/pcscd
+mkdir -p "$work/conf"
+hex=$(printf '0x%04X' "$port")
+lib=/usr/lib/pcsc/drivers/serial/libifdvpcd.so
+[ -r /etc/reader.conf.d/vpcd ] && l=$(awk '$1 == "LIBPATH" { print $2 }' /etc/reader.conf.d/vpcd) && [ -n "$l" ] && lib=$l
+printf 'FRIENDLYNAME "Virtual PCD"\nDEVICENAME /dev/null:%s\nLIBPATH %s\nCHANNELID %s\n' "$hex" "$lib" "$hex" >"$work/conf/vpcd"
+start_pcscd() {
+  pcscd -f -c "$work/conf" >>"$work/pcscd.log" 2>&1 & pd=$!
+  for _ in $(seq 100); do [ -S /run/pcscd/pcscd.comm ] && return 0; sleep 0.1; done
+  echo "pcscd did not start" >&2; return 1
+}
+wait_for() {
+  for _ in $(seq 300); do grep -q "$1" "$work/watch.out" && return 0; sleep 0.1; done
+  echo "timed out waiting for $1 in the watch output" >&2; return 1
+}
+start_pcscd
+"$vscard" readers --watch --json >"$work/watch.out" 2>"$work/watch.err" & w=$!
+wait_for '"event":"reader"'
+kill "$pd"; wait "$pd" || true; pd=
+wait_for '"event":"pcscd_lost"'
+start_pcscd
+wait_for '"event":"pcscd_back"'
+"$@" >"$work/vicc.log" 2>&1 & v=$!
+wait_for '"event":"card_inserted"'
+kill "$v"; wait "$v" || true; v=
+wait_for '"event":"card_removed"'
+kill -TERM "$w"; rc=0; wait "$w" || rc=$?; w=
+echo "watch exit $rc"
+`
+
+// freePortPair finds a port p with p and p+1 free for vpcd's two slots.
+func freePortPair(t *testing.T) int {
+	t.Helper()
+	for range 50 {
+		l, err := net.Listen("tcp", ":0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		p := l.Addr().(*net.TCPAddr).Port
+		l2, err := net.Listen("tcp", fmt.Sprintf(":%d", p+1))
+		l.Close()
+		if err == nil {
+			l2.Close()
+			return p
+		}
+	}
+	t.Fatal("no two adjacent free TCP ports")
+	return 0
+}
+
+// TestReadersWatchSurvivesPcscdRestart: --watch reports losing pcscd,
+// reconnects when it is back, and then reports card events from the new
+// daemon as before.
+func TestReadersWatchSurvivesPcscdRestart(t *testing.T) {
+	e := newEnv(t)
+	needTools(t, "unshare", "pcscd")
+	if err := vicc.Available(); err != nil {
+		t.Fatal(err)
+	}
+	work := t.TempDir()
+	venv, err := vicc.Env(work)
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := freePortPair(t)
+	script := e.path("restart.sh")
+	if err := os.WriteFile(script, []byte(restartScript), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	args := append([]string{"--mount", "--propagation", "private", "bash", script, work, vscardBin, strconv.Itoa(port)},
+		vicc.Argv("iso7816", port)...)
+	cmd := exec.CommandContext(ctx, "unshare", args...)
+	cmd.Env = append(venv, "HOME="+e.home, "PATH="+os.Getenv("PATH")+":/usr/sbin:/sbin")
+	out, err := cmd.CombinedOutput()
+	watchOut, _ := os.ReadFile(work + "/watch.out")
+	watchErr, _ := os.ReadFile(work + "/watch.err")
+	if err != nil || !strings.Contains(string(out), "watch exit 0") {
+		pcscdLog, _ := os.ReadFile(work + "/pcscd.log")
+		t.Fatalf("restart script: %v\n%s\nwatch stdout:\n%s\nwatch stderr:\n%s\npcscd log:\n%s", err, out, watchOut, watchErr, tail(pcscdLog, 4<<10))
+	}
+	var order []string
+	for _, line := range strings.Split(strings.TrimSpace(string(watchOut)), "\n") {
+		var ev map[string]string
+		if err := json.Unmarshal([]byte(line), &ev); err != nil {
+			t.Fatalf("watch line %q: %v", line, err)
+		}
+		if ev["event"] != "reader" || len(order) == 0 || order[len(order)-1] != "reader" {
+			order = append(order, ev["event"])
+		}
+		if ev["event"] == "card_inserted" && ev["atr"] != strings.ReplaceAll(vicc.ISO7816ATR, " ", "") {
+			t.Errorf("inserted ATR %q, want vicc's", ev["atr"])
+		}
+	}
+	want := "reader pcscd_lost pcscd_back card_inserted card_removed"
+	if strings.Join(order, " ") != want {
+		t.Errorf("events %q, want %q\n%s", order, want, watchOut)
+	}
+	if n := strings.Count(string(watchErr), "Waiting for"); n < 2 {
+		t.Errorf("--watch said what it waits for %d times, want before and after the restart:\n%s", n, watchErr)
 	}
 }
