@@ -243,6 +243,10 @@ type watcher struct {
 	cur map[string]pcsc.State
 	pnp pcsc.State
 	now func() time.Time
+	// backoff is the wait before the next reconnection attempt. It grows
+	// with each failure and is reset only by a status-change call that
+	// worked, so an error pcscd keeps returning cannot make us spin.
+	backoff time.Duration
 }
 
 // Reconnection backoff while pcscd is away: quick at first (a restart
@@ -251,6 +255,10 @@ const (
 	backoffMin = 100 * time.Millisecond
 	backoffMax = 5 * time.Second
 )
+
+// maxWatched is how many readers one GetStatusChange call may watch
+// besides the PnP pseudo-reader: PCSCLITE_MAX_READERS_CONTEXTS (16) in all.
+const maxWatched = 15
 
 func (w *watcher) run(ctx context.Context) error {
 	if w.now == nil {
@@ -276,7 +284,12 @@ func (w *watcher) run(ctx context.Context) error {
 			continue
 		}
 		states := make([]pcsc.ReaderState, 0, len(w.prev)+1)
-		for _, ri := range w.prev {
+		for i, ri := range w.prev {
+			if i >= maxWatched {
+				// libpcsclite's limit on one call; the snapshot after any
+				// wake-up still reports changes in the readers past it.
+				break
+			}
 			cs, ok := w.cur[ri.Name]
 			if !ok {
 				cs = ri.State
@@ -290,6 +303,7 @@ func (w *watcher) run(ctx context.Context) error {
 		}
 		switch {
 		case err == nil:
+			w.backoff = 0
 			for _, s := range states {
 				if s.Reader == pcsc.PnPNotification {
 					w.pnp = s.EventState &^ pcsc.StateChanged
@@ -436,29 +450,30 @@ func (w *watcher) lost(err error) {
 // ctx ends (false). Once back, the differences to the last known list are
 // reported like any other change.
 func (w *watcher) reconnect(ctx context.Context) bool {
-	delay := backoffMin
 	for {
-		c, err := pcsc.EstablishContext(ctx, nil)
-		if err == nil {
-			infos, err := snapshot(c)
-			if err == nil {
-				w.c = c
-				w.report([]event{{Event: "pcscd_back"}})
-				w.report(diffReaders(w.prev, infos))
-				w.prev = infos
-				// Counters restart with a new pcscd: forget the old ones.
-				w.cur = make(map[string]pcsc.State)
-				w.pnp = 0
-				w.waiting()
-				return true
-			}
-			c.Release()
-		}
+		w.backoff = min(max(w.backoff*2, backoffMin), backoffMax)
 		select {
 		case <-ctx.Done():
 			return false
-		case <-time.After(delay):
+		case <-time.After(w.backoff):
 		}
-		delay = min(delay*2, backoffMax)
+		c, err := pcsc.EstablishContext(ctx, nil)
+		if err != nil {
+			continue
+		}
+		infos, err := snapshot(c)
+		if err != nil {
+			c.Release()
+			continue
+		}
+		w.c = c
+		w.report([]event{{Event: "pcscd_back"}})
+		w.report(diffReaders(w.prev, infos))
+		w.prev = infos
+		// Counters restart with a new pcscd: forget the old ones.
+		w.cur = make(map[string]pcsc.State)
+		w.pnp = 0
+		w.waiting()
+		return true
 	}
 }
