@@ -38,10 +38,14 @@ const (
 	ErrCardUnsupported        Error = 0x8010001C // SCARD_E_CARD_UNSUPPORTED
 	ErrNoService              Error = 0x8010001D // SCARD_E_NO_SERVICE
 	ErrServiceStopped         Error = 0x8010001E // SCARD_E_SERVICE_STOPPED
-	ErrUnexpected             Error = 0x8010001F // SCARD_E_UNEXPECTED
 	ErrICCInstallation        Error = 0x80100020 // SCARD_E_ICC_INSTALLATION
 	ErrICCCreateOrder         Error = 0x80100021 // SCARD_E_ICC_CREATEORDER
-	ErrUnsupportedFeature     Error = 0x80100022 // SCARD_E_UNSUPPORTED_FEATURE
+	// ErrUnsupportedFeature is pcsc-lite's SCARD_E_UNSUPPORTED_FEATURE,
+	// which pcsc-lite defines as 0x8010001F, the value Windows gives
+	// SCARD_E_UNEXPECTED (Windows' own is 0x80100022).
+	ErrUnsupportedFeature Error = 0x8010001F
+	// ErrUnexpected is SCARD_E_UNEXPECTED, the same value in pcsc-lite.
+	ErrUnexpected = ErrUnsupportedFeature
 	ErrDirNotFound            Error = 0x80100023 // SCARD_E_DIR_NOT_FOUND
 	ErrFileNotFound           Error = 0x80100024 // SCARD_E_FILE_NOT_FOUND
 	ErrNoDir                  Error = 0x80100025 // SCARD_E_NO_DIR
