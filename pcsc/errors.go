@@ -8,44 +8,44 @@ type Error uint32
 
 // Return codes of pcsc-lite (src/PCSC/pcsclite.h.in).
 const (
-	ErrInternal               Error = 0x80100001 // SCARD_F_INTERNAL_ERROR
-	ErrCancelled              Error = 0x80100002 // SCARD_E_CANCELLED
-	ErrInvalidHandle          Error = 0x80100003 // SCARD_E_INVALID_HANDLE
-	ErrInvalidParameter       Error = 0x80100004 // SCARD_E_INVALID_PARAMETER
-	ErrInvalidTarget          Error = 0x80100005 // SCARD_E_INVALID_TARGET
-	ErrNoMemory               Error = 0x80100006 // SCARD_E_NO_MEMORY
-	ErrWaitedTooLong          Error = 0x80100007 // SCARD_F_WAITED_TOO_LONG
-	ErrInsufficientBuffer     Error = 0x80100008 // SCARD_E_INSUFFICIENT_BUFFER
-	ErrUnknownReader          Error = 0x80100009 // SCARD_E_UNKNOWN_READER
-	ErrTimeout                Error = 0x8010000A // SCARD_E_TIMEOUT
-	ErrSharingViolation       Error = 0x8010000B // SCARD_E_SHARING_VIOLATION
-	ErrNoSmartcard            Error = 0x8010000C // SCARD_E_NO_SMARTCARD
-	ErrUnknownCard            Error = 0x8010000D // SCARD_E_UNKNOWN_CARD
-	ErrCantDispose            Error = 0x8010000E // SCARD_E_CANT_DISPOSE
-	ErrProtoMismatch          Error = 0x8010000F // SCARD_E_PROTO_MISMATCH
-	ErrNotReady               Error = 0x80100010 // SCARD_E_NOT_READY
-	ErrInvalidValue           Error = 0x80100011 // SCARD_E_INVALID_VALUE
-	ErrSystemCancelled        Error = 0x80100012 // SCARD_E_SYSTEM_CANCELLED
-	ErrCommError              Error = 0x80100013 // SCARD_F_COMM_ERROR
-	ErrUnknownError           Error = 0x80100014 // SCARD_F_UNKNOWN_ERROR
-	ErrInvalidATR             Error = 0x80100015 // SCARD_E_INVALID_ATR
-	ErrNotTransacted          Error = 0x80100016 // SCARD_E_NOT_TRANSACTED
-	ErrReaderUnavailable      Error = 0x80100017 // SCARD_E_READER_UNAVAILABLE
-	ErrShutdown               Error = 0x80100018 // SCARD_P_SHUTDOWN
-	ErrPCITooSmall            Error = 0x80100019 // SCARD_E_PCI_TOO_SMALL
-	ErrReaderUnsupported      Error = 0x8010001A // SCARD_E_READER_UNSUPPORTED
-	ErrDuplicateReader        Error = 0x8010001B // SCARD_E_DUPLICATE_READER
-	ErrCardUnsupported        Error = 0x8010001C // SCARD_E_CARD_UNSUPPORTED
-	ErrNoService              Error = 0x8010001D // SCARD_E_NO_SERVICE
-	ErrServiceStopped         Error = 0x8010001E // SCARD_E_SERVICE_STOPPED
-	ErrICCInstallation        Error = 0x80100020 // SCARD_E_ICC_INSTALLATION
-	ErrICCCreateOrder         Error = 0x80100021 // SCARD_E_ICC_CREATEORDER
+	ErrInternal           Error = 0x80100001 // SCARD_F_INTERNAL_ERROR
+	ErrCancelled          Error = 0x80100002 // SCARD_E_CANCELLED
+	ErrInvalidHandle      Error = 0x80100003 // SCARD_E_INVALID_HANDLE
+	ErrInvalidParameter   Error = 0x80100004 // SCARD_E_INVALID_PARAMETER
+	ErrInvalidTarget      Error = 0x80100005 // SCARD_E_INVALID_TARGET
+	ErrNoMemory           Error = 0x80100006 // SCARD_E_NO_MEMORY
+	ErrWaitedTooLong      Error = 0x80100007 // SCARD_F_WAITED_TOO_LONG
+	ErrInsufficientBuffer Error = 0x80100008 // SCARD_E_INSUFFICIENT_BUFFER
+	ErrUnknownReader      Error = 0x80100009 // SCARD_E_UNKNOWN_READER
+	ErrTimeout            Error = 0x8010000A // SCARD_E_TIMEOUT
+	ErrSharingViolation   Error = 0x8010000B // SCARD_E_SHARING_VIOLATION
+	ErrNoSmartcard        Error = 0x8010000C // SCARD_E_NO_SMARTCARD
+	ErrUnknownCard        Error = 0x8010000D // SCARD_E_UNKNOWN_CARD
+	ErrCantDispose        Error = 0x8010000E // SCARD_E_CANT_DISPOSE
+	ErrProtoMismatch      Error = 0x8010000F // SCARD_E_PROTO_MISMATCH
+	ErrNotReady           Error = 0x80100010 // SCARD_E_NOT_READY
+	ErrInvalidValue       Error = 0x80100011 // SCARD_E_INVALID_VALUE
+	ErrSystemCancelled    Error = 0x80100012 // SCARD_E_SYSTEM_CANCELLED
+	ErrCommError          Error = 0x80100013 // SCARD_F_COMM_ERROR
+	ErrUnknownError       Error = 0x80100014 // SCARD_F_UNKNOWN_ERROR
+	ErrInvalidATR         Error = 0x80100015 // SCARD_E_INVALID_ATR
+	ErrNotTransacted      Error = 0x80100016 // SCARD_E_NOT_TRANSACTED
+	ErrReaderUnavailable  Error = 0x80100017 // SCARD_E_READER_UNAVAILABLE
+	ErrShutdown           Error = 0x80100018 // SCARD_P_SHUTDOWN
+	ErrPCITooSmall        Error = 0x80100019 // SCARD_E_PCI_TOO_SMALL
+	ErrReaderUnsupported  Error = 0x8010001A // SCARD_E_READER_UNSUPPORTED
+	ErrDuplicateReader    Error = 0x8010001B // SCARD_E_DUPLICATE_READER
+	ErrCardUnsupported    Error = 0x8010001C // SCARD_E_CARD_UNSUPPORTED
+	ErrNoService          Error = 0x8010001D // SCARD_E_NO_SERVICE
+	ErrServiceStopped     Error = 0x8010001E // SCARD_E_SERVICE_STOPPED
+	ErrICCInstallation    Error = 0x80100020 // SCARD_E_ICC_INSTALLATION
+	ErrICCCreateOrder     Error = 0x80100021 // SCARD_E_ICC_CREATEORDER
 	// ErrUnsupportedFeature is pcsc-lite's SCARD_E_UNSUPPORTED_FEATURE,
 	// which pcsc-lite defines as 0x8010001F, the value Windows gives
 	// SCARD_E_UNEXPECTED (Windows' own is 0x80100022).
 	ErrUnsupportedFeature Error = 0x8010001F
 	// ErrUnexpected is SCARD_E_UNEXPECTED, the same value in pcsc-lite.
-	ErrUnexpected = ErrUnsupportedFeature
+	ErrUnexpected                   = ErrUnsupportedFeature
 	ErrDirNotFound            Error = 0x80100023 // SCARD_E_DIR_NOT_FOUND
 	ErrFileNotFound           Error = 0x80100024 // SCARD_E_FILE_NOT_FOUND
 	ErrNoDir                  Error = 0x80100025 // SCARD_E_NO_DIR
