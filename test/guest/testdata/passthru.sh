@@ -14,10 +14,15 @@ step() { # NAME CMD...: run CMD, report its output and status
   echo "@@BEGIN $n"
   "$@" 2>&1
   s=$?
+  # A failure carries the guest pcscd's view (with APDUs) in its output.
+  [ $s = 0 ] || { echo "--- guest pcscd log tail:"; tail -n 40 /tmp/pcscd.log; }
   echo "@@END $n $s"
   [ $s = 0 ] || failed="$failed $n"
   return $s
 }
+# check NAME CMD...: a step whose status only the host judges (it knows
+# which failures are known gaps), so it does not fail the script.
+check() { _saved=$failed; step "$@"; _s=$?; failed=$_saved; return $_s; }
 # state NAME absent|present: wait until pcscd reports the card state.
 state() {
   echo "@@BEGIN $1"
@@ -68,7 +73,7 @@ echo "@@END reader $s"
 host_wait vicc
 state vicc-present present
 step vicc-atr opensc-tool --atr
-step vicc-apdus apdus /vscard/vicc-apdus
+check vicc-apdus apdus /vscard/vicc-apdus
 
 # 4. Hot-plug: the host stops vicc (card pulled), then starts it again.
 host_wait vicc-stop
@@ -76,7 +81,7 @@ state vicc-removed absent
 host_wait vicc-start
 state vicc-inserted present
 step vicc-atr-again opensc-tool --atr
-step vicc-apdus-again apdus /vscard/vicc-apdus
+check vicc-apdus-again apdus /vscard/vicc-apdus
 
 # The host ends that passthrough; then forwards a vscard CAC card (slot 1).
 host_wait vicc-quit
