@@ -335,3 +335,60 @@ func median(d []time.Duration) time.Duration {
 	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
 	return s[len(s)/2]
 }
+
+// TestPassthruAllReaders: --reader all maps the readers, in pcscd's order,
+// to the TARGETs, and a card pulled from one reader leaves the other
+// target alone.
+func TestPassthruAllReaders(t *testing.T) {
+	e := newEnv(t)
+	c0 := card{dir: e.newCard("card0"), slot: 0}
+	c1 := card{dir: e.newCard("card1"), slot: 1}
+	e.serve([]card{c0})
+	srv1 := e.serve([]card{c1})
+	var lns []net.Listener
+	var args []string
+	for range 2 {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		lns = append(lns, ln)
+		args = append(args, "tcp:"+ln.Addr().String())
+	}
+	e.connectPCSC(append([]string{"--reader", "all"}, args...)...)
+	var hosts []*fakehost.Host
+	for i, ln := range lns {
+		h := fakehost.Accept(t, ln)
+		h.Expect(fakehost.TInit)
+		h.Expect(fakehost.TReaderRemove)
+		h.Expect(fakehost.TReaderAdd)
+		if got, want := h.Expect(fakehost.TATR).Payload, directATR(t, fmt.Sprintf("Virtual PCD 00 %02d", i)); !bytes.Equal(got, want) {
+			t.Errorf("target %d: ATR %X, want %X", i, got, want)
+		}
+		hosts = append(hosts, h)
+	}
+	// Each target answers from its own card: the certificate objects of
+	// two `card new` cards differ, so READ BUFFER of the first PKI applet
+	// tells them apart.
+	read := func(h *fakehost.Host) []byte {
+		h.APDU(passthruScript[2])
+		return h.APDU(mustHexE2E("8052000002024000"))
+	}
+	want0 := direct(t, readerName0, passthruScript[2], mustHexE2E("8052000002024000"))[1]
+	want1 := direct(t, readerName1, passthruScript[2], mustHexE2E("8052000002024000"))[1]
+	if bytes.Equal(want0, want1) {
+		t.Fatalf("the two cards answer alike (%X): the test cannot tell them apart", want0)
+	}
+	if got := read(hosts[0]); !bytes.Equal(got, want0) {
+		t.Errorf("target 0 answers %X, want card 0's %X", got, want0)
+	}
+	if got := read(hosts[1]); !bytes.Equal(got, want1) {
+		t.Errorf("target 1 answers %X, want card 1's %X", got, want1)
+	}
+	srv1.stop()
+	hosts[1].Expect(fakehost.TCardRemove)
+	if got := read(hosts[0]); !bytes.Equal(got, want0) {
+		t.Errorf("target 0 after card 1 left: %X, want %X", got, want0)
+	}
+}
