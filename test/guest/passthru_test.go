@@ -75,10 +75,11 @@ func randomAPDU(cmd []byte) bool { return len(cmd) >= 2 && cmd[1] == 0x84 }
 //     which the guest cannot ask for through CCID.
 //   - The card answers each SELECT with 61 xx; the GET RESPONSE that
 //     fetches the FCI must follow before anyone else's command. The host's
-//     tools run both inside a PC/SC transaction (OpenSC locks the card for
-//     a whole opensc-tool run and around each PKCS#11 operation), and the
-//     passthrough keeps its transaction from a 61 xx to the guest's next
-//     command (card/passthru: ChainHold). This is what the test proves.
+//     tools run both inside a PC/SC transaction (vscard apdu and
+//     opensc-tool hold one for their whole run, OpenSC's PKCS#11 module
+//     around each operation), and the passthrough keeps its transaction
+//     from a 61 xx to the guest's next command (card/passthru: ChainHold).
+//     This is what the test proves.
 //   - The host also runs pkcs11-tool -L now and then: OpenSC's card
 //     detection and PKCS#15 binding, many commands (READ BUFFER too), each
 //     sequence inside OpenSC's own transaction, so the guest's SELECTs
@@ -86,9 +87,10 @@ func randomAPDU(cmd []byte) bool { return len(cmd) >= 2 && cmd[1] == 0x84 }
 //
 // Each side selects applets the other never selects with that P2, so the
 // card's trace tells whose command each one was: the guest the CCC and the
-// ACA (P2=00, FCI), the host's opensc-tool the PKI applets with P2=0C
-// (vscard's CAC answers 61 xx either way), and pkcs11-tool -L everything
-// else (it selects the PKI applets with P2=00 and the CCC with P2=0C).
+// ACA (P2=00, FCI), the host's vscard apdu and opensc-tool the PKI applets
+// with P2=0C (vscard's CAC answers 61 xx either way), and pkcs11-tool -L
+// everything else (it selects the PKI applets with P2=00 and the CCC with
+// P2=0C).
 var (
 	guestConcurrentAPDUs = []string{
 		"00 A4 04 00 07 A0 00 00 01 16 DB 00 00", // CCC
@@ -104,9 +106,9 @@ var (
 const (
 	guestRepeat = 18 // guestConcurrentAPDUs per opensc-tool run in the guest
 	guestRounds = 8  // opensc-tool runs: 8 x 18 x 2 = 288 round trips
-	// hostRepeat is hostConcurrentAPDUs per host opensc-tool run, 3 round
-	// trips: opensc-tool holds a PC/SC transaction for its whole run, so
-	// short runs let the guest in often.
+	// hostRepeat is hostConcurrentAPDUs per host vscard apdu or
+	// opensc-tool run, 3 round trips: both hold a PC/SC transaction for
+	// their whole run, so short runs let the guest in often.
 	hostRepeat = 1
 	// listEvery makes every n-th host command a pkcs11-tool -L, OpenSC's
 	// whole card detection and PKCS#15 binding (many APDUs, one
@@ -261,7 +263,9 @@ func TestGuestPassthru(t *testing.T) {
 			t.Fatalf("guest never asked for %q: %v", name, err)
 		}
 		defer vm.Go(name)
+		began := time.Now()
 		action()
+		t.Logf("host action %s took %v", name, time.Since(began).Round(time.Millisecond))
 	}
 	guestAPDUs := func(t *testing.T, name string) []rapdu {
 		t.Helper()
@@ -359,8 +363,8 @@ func TestGuestPassthru(t *testing.T) {
 		if err != nil {
 			t.Fatalf("guest step concurrent: %v", err)
 		}
-		t.Logf("host loop: %d opensc-tool round trips in %d commands (%d opensc-tool -s, %d pkcs11-tool -L), %v",
-			hs.rounds, hs.runs, hs.apduRuns, hs.listRuns, to.Sub(from).Round(time.Millisecond))
+		t.Logf("host loop: %d vscard apdu and opensc-tool round trips in %d commands (%d vscard apdu, %d opensc-tool -s, %d pkcs11-tool -L), %v",
+			hs.rounds, hs.runs, hs.vscardRuns, hs.apduRuns, hs.listRuns, to.Sub(from).Round(time.Millisecond))
 		t.Logf("slowest host command: %v, %s", hs.slowest.Round(time.Millisecond), hs.slowestWhat)
 		if len(hs.errs) > 0 {
 			t.Errorf("host side: %d errors while the guest used the card; first ones:\n%s",
@@ -380,7 +384,7 @@ func TestGuestPassthru(t *testing.T) {
 		if err != nil {
 			t.Fatalf("card trace: %v", err)
 		}
-		t.Logf("card trace in that window: %d guest SELECTs, %d host opensc-tool SELECTs, %d pkcs11-tool -L commands; the sender changed %d times",
+		t.Logf("card trace in that window: %d guest SELECTs, %d host vscard apdu/opensc-tool SELECTs, %d pkcs11-tool -L commands; the sender changed %d times",
 			st.guest, st.host, st.other, st.switches)
 		hostRounds := hs.rounds + st.other
 		for _, b := range st.broken[:min(len(st.broken), 5)] {
@@ -406,10 +410,9 @@ func TestGuestPassthru(t *testing.T) {
 		host(t, "pin-checked", func() {
 			// The card itself: tries left, asked without a PIN (VERIFY with
 			// no data, cac.md §4.7).
-			out := runHost(t, hostEnv, "opensc-tool", "-r", cacReader, "-c", "default", "-s", selectACA, "-s", "00 20 00 00 00")
-			rs, err := parseOpenSCSend(out)
-			if err != nil || len(rs) != 2 {
-				t.Fatalf("host VERIFY status: %v\n%s", err, out)
+			rs, err := vscardAPDU(hostEnv, cacReader, []string{selectACA, "00 20 00 00 00"})
+			if err != nil {
+				t.Fatalf("host VERIFY status: %v", err)
 			}
 			if rs[1].sw != 0x63C1 {
 				t.Errorf("card's tries left after the guard: %04X, want 63C1 (the guest must not use the last try)", rs[1].sw)
@@ -780,6 +783,7 @@ type hostLoop struct {
 type hostStats struct {
 	rounds, runs       int
 	apduRuns, listRuns int
+	vscardRuns         int
 	errs               []string
 	slowest            time.Duration // the longest host command
 	slowestWhat        string
@@ -821,8 +825,14 @@ func (h *hostLoop) run() {
 				st.errs = append(st.errs, fmt.Sprintf("run %d: %v", st.runs, err))
 			}
 		} else {
-			st.apduRuns++
-			rs, err := h.sendOnce(list)
+			send := h.sendOpenSC
+			if st.runs%2 == 1 {
+				what, send = "vscard apdu", h.sendVscard
+				st.vscardRuns++
+			} else {
+				st.apduRuns++
+			}
+			rs, err := send(list)
 			st.rounds += len(rs)
 			if err != nil {
 				st.errs = append(st.errs, fmt.Sprintf("run %d: %v", st.runs, err))
@@ -857,8 +867,53 @@ func (h *hostLoop) listOnce() error {
 	return nil
 }
 
-// sendOnce sends list in one host command.
-func (h *hostLoop) sendOnce(list []string) ([]rapdu, error) {
+// sendVscard sends list with one `vscard apdu --json` (one connection,
+// one transaction, 61 xx followed by vscard itself).
+func (h *hostLoop) sendVscard(list []string) ([]rapdu, error) {
+	return vscardAPDU(h.env, cacReader, list)
+}
+
+// vscardAPDU runs `vscard apdu --json --reader reader` with list and
+// returns the joined responses.
+func vscardAPDU(env []string, reader string, list []string) ([]rapdu, error) {
+	args := []string{"apdu", "--json", "--reader", reader}
+	for _, a := range list {
+		args = append(args, strings.ReplaceAll(a, " ", ""))
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, vscardBin, args...)
+	cmd.Env = env
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return nil, fmt.Errorf("vscard apdu: %v\n%s%s", err, out, stderr.Bytes())
+	}
+	var res []struct {
+		Command  string `json:"command"`
+		Response string `json:"response"`
+	}
+	if err := json.Unmarshal(out, &res); err != nil {
+		return nil, fmt.Errorf("vscard apdu --json: %v\n%s", err, out)
+	}
+	var rs []rapdu
+	for _, r := range res {
+		c, err1 := hex.DecodeString(r.Command)
+		b, err2 := hex.DecodeString(r.Response)
+		if err1 != nil || err2 != nil || len(b) < 2 {
+			return rs, fmt.Errorf("vscard apdu --json: bad entry %+v", r)
+		}
+		rs = append(rs, rapdu{cmd: c, data: b[:len(b)-2], sw: uint16(b[len(b)-2])<<8 | uint16(b[len(b)-1])})
+	}
+	if len(rs) != len(list) {
+		return rs, fmt.Errorf("vscard apdu: %d answers for %d APDUs", len(rs), len(list))
+	}
+	return rs, nil
+}
+
+// sendOpenSC sends list in one opensc-tool run.
+func (h *hostLoop) sendOpenSC(list []string) ([]rapdu, error) {
 	args := []string{"-r", cacReader, "-c", "default"}
 	for _, a := range list {
 		args = append(args, "-s", a)
@@ -921,7 +976,7 @@ type interleaving struct {
 // Senders in the card's trace.
 const (
 	sGuest = "guest"
-	sHost  = "host opensc-tool"
+	sHost  = "host vscard apdu/opensc-tool"
 	sOther = "host pkcs11-tool"
 )
 

@@ -50,13 +50,20 @@ repeat() {
   while [ $_i -lt "$_n" ]; do "$@" || return 1; _i=$((_i + 1)); done
 }
 sign() { p11 --login --pin "$PIN" --sign --id 0001 -m SHA256-RSA-PKCS -i /tmp/data -o "$1"; }
-# signed NAME: sign /tmp/data (retrying while the card comes up) and send
-# the signature to the host, which verifies it with the card's certificate.
+# signed NAME: sign /tmp/data (retrying for up to 30 s while the card comes
+# up) and send the signature to the host, which verifies it with the
+# card's certificate; a mark says how many tries it took, a failure shows
+# pkcs11-tool's last words.
 signed() {
-  poll 30 sign /tmp/$1.sig
-  s=$?
+  _end=$(($(ms) + 30000)); _n=1; s=1
+  while :; do
+    if sign /tmp/$1.sig >/tmp/$1.err 2>&1; then s=0; break; fi
+    [ "$(ms)" -lt $_end ] || break
+    _n=$((_n + 1)); sleep 0.1
+  done
+  mark "$1 signed after $_n tries"
   echo "@@BEGIN $1"
-  [ $s = 0 ] && base64 </tmp/$1.sig
+  if [ $s = 0 ]; then base64 </tmp/$1.sig; else cat /tmp/$1.err; fi
   echo "@@END $1 $s"
   [ $s = 0 ] || failed="$failed $1"
 }
@@ -108,11 +115,15 @@ host_wait concurrent-done
 # 5. The last-PIN-try guard: wrong PINs until the card says 63 C1, then the
 # guard answers 69 83 itself. The host checks the card's counter, then a
 # right PIN is tried here.
+mark pin-guard
 step pin-wrong apdus /vscard/pin-wrong
+mark pin-wrong-done
 host_wait pin-checked
 step pin-right apdus /vscard/pin-right
+mark pin-right-done
 host_wait pin-reset
 step pin-right-after-reset apdus /vscard/pin-right
+mark pin-reset-done
 signed sig-after-guard
 
 mark steps-done
