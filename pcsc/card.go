@@ -81,7 +81,10 @@ const (
 // but SCARD_E_SHARING_VIOLATION, sleeping between tries with the lock
 // released so the holder can finish; like libpcsclite's blocking sharing.
 func (k *Card) retrySharing(ctx context.Context, op string, once func() (uint32, error)) error {
-	delay := pollMin
+	delay, maxDelay := pollMin, pollMax
+	if k.c.pollMax > 0 {
+		delay, maxDelay = k.c.pollMax, k.c.pollMax
+	}
 	for {
 		k.c.mu.Lock()
 		rv, err := once()
@@ -95,6 +98,12 @@ func (k *Card) retrySharing(ctx context.Context, op string, once func() (uint32,
 			}
 			return nil
 		}
+		if k.c.pollMax < 0 { // tests: no sleeping
+			if ctx.Err() != nil {
+				return fmt.Errorf("pcsc: %s: waiting for the card: %w: %w", op, ErrCancelled, ctx.Err())
+			}
+			continue
+		}
 		t := time.NewTimer(delay)
 		select {
 		case <-ctx.Done():
@@ -102,7 +111,7 @@ func (k *Card) retrySharing(ctx context.Context, op string, once func() (uint32,
 			return fmt.Errorf("pcsc: %s: waiting for the card: %w: %w", op, ErrCancelled, ctx.Err())
 		case <-t.C:
 		}
-		delay = min(delay*2, pollMax)
+		delay = min(delay*2, maxDelay)
 	}
 }
 

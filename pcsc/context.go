@@ -29,6 +29,8 @@ type Context struct {
 	lost     error // why conn is unusable, once it is
 	released bool
 
+	pollMax time.Duration // tests only: fixed poll interval instead of pollMin..pollMax; < 0 = none
+
 	cmu        sync.Mutex // guards registered, which Cancel reads
 	registered bool       // pcscd will send us a wait_reader_state_change
 }

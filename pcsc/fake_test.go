@@ -216,7 +216,7 @@ func (d *fakeD) serve(s *fakeSession) {
 			s.write(words(target, rv))
 		case cmdConnect:
 			r := bytes.Clone(body)
-			le.PutUint32(r[4+maxReaderName+8:], 0x77)                  // hCard
+			le.PutUint32(r[4+maxReaderName+8:], 0x77)                // hCard
 			le.PutUint32(r[4+maxReaderName+12:], uint32(ProtocolT1)) // active protocol
 			s.write(r)
 		case cmdTransmit:
@@ -456,9 +456,15 @@ func TestMalformedReplies(t *testing.T) {
 			r := bytes.Clone(b)
 			le.PutUint32(r[0:], 5)
 			return r
-		}, func(c *Context, k *Card) error { _, err := c.Connect(vReader.name, ShareShared, ProtocolAny); return err }, ErrCommError},
+		}, func(c *Context, k *Card) error {
+			_, err := c.Connect(vReader.name, ShareShared, ProtocolAny)
+			return err
+		}, ErrCommError},
 		{"connect: short", cmdConnect, func(b []byte) []byte { return b[:20] },
-			func(c *Context, k *Card) error { _, err := c.Connect(vReader.name, ShareShared, ProtocolAny); return err }, ErrNoService},
+			func(c *Context, k *Card) error {
+				_, err := c.Connect(vReader.name, ShareShared, ProtocolAny)
+				return err
+			}, ErrNoService},
 		{"begin: another handle", cmdBeginTransaction, func(b []byte) []byte { return words(1, 0) },
 			func(c *Context, k *Card) error { return k.BeginTransaction(bg()) }, ErrCommError},
 		{"status: another handle", cmdStatus, func(b []byte) []byte { return words(1, 0) },

@@ -1,0 +1,129 @@
+package pcsc
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"testing"
+	"time"
+)
+
+// restartChildEnv marks the test binary run inside a nested with-pcscd.
+const restartChildEnv = "VSCARD_PCSC_RESTART_CHILD"
+
+// TestE2EPcscdRestart checks that a Context notices pcscd going away
+// (ErrNoService) and that a new Context sees the reader and card again.
+//
+// Restarting the daemon would disturb every other package's e2e tests
+// sharing it under scripts/test, so the test re-runs itself inside a
+// nested scripts/with-pcscd (a mount namespace of its own, a pcscd of its
+// own on two other vpcd ports) and restarts that one.
+func TestE2EPcscdRestart(t *testing.T) {
+	if os.Getenv(restartChildEnv) == "1" {
+		restartChild(t)
+		return
+	}
+	needE2E(t)
+	script, err := filepath.Abs(filepath.Join("..", "scripts", "with-pcscd"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	port, err := freePortPair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, script, os.Args[0], "-test.run=^TestE2EPcscdRestart$", "-test.v", "-test.count=1")
+	cmd.Env = append(os.Environ(), restartChildEnv+"=1", "VSCARD_VPCD_PORT="+strconv.Itoa(port),
+		"VSCARD_E2E=", "_VSCARD_PCSCD_IN_NS=")
+	out, err := cmd.CombinedOutput()
+	t.Logf("nested run (vpcd port %d):\n%s", port, out)
+	if err != nil {
+		t.Fatalf("nested with-pcscd: %v", err)
+	}
+}
+
+// freePortPair finds a port p with p+1 also free, for with-pcscd's two
+// vpcd slots.
+func freePortPair() (int, error) {
+	for range 50 {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return 0, err
+		}
+		p := l.Addr().(*net.TCPAddr).Port
+		l2, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(p+1))
+		l.Close()
+		if err == nil {
+			l2.Close()
+			if p+1 <= 65534 {
+				return p, nil
+			}
+		}
+	}
+	return 0, fmt.Errorf("no two adjacent free TCP ports")
+}
+
+func restartChild(t *testing.T) {
+	port := needE2E(t)
+	restart := os.Getenv("VSCARD_PCSCD_RESTART")
+	if restart == "" {
+		t.Fatal("VSCARD_PCSCD_RESTART not set: scripts/with-pcscd too old?")
+	}
+	old := establish(t)
+	waitState(t, old, StateEmpty)
+	c := testCAC(t)
+	insert(t, old, port, c) // vpcd.Serve reconnects by itself after the restart
+	k, err := old.Connect(e2eReader, ShareShared, ProtocolAny)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A second context waits for events across the restart.
+	waiter := establish(t)
+	r := waitState(t, waiter, StatePresent)
+	waitErr := make(chan error, 1)
+	go func() {
+		waitErr <- waiter.GetStatusChange(context.Background(), 60*time.Second,
+			[]ReaderState{{Reader: e2eReader, CurrentState: r.State | State(r.EventCounter<<16)}})
+	}()
+
+	out, err := exec.Command(restart).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s: %v\n%s", restart, err, out)
+	}
+	if _, err := old.ListReaders(); !errors.Is(err, ErrNoService) {
+		t.Errorf("old context after the restart: ListReaders = %v, want ErrNoService", err)
+	}
+	if _, err := k.Transmit(selectPKI); !errors.Is(err, ErrNoService) {
+		t.Errorf("old card handle after the restart: Transmit = %v, want ErrNoService", err)
+	}
+	select {
+	case err := <-waitErr:
+		if !errors.Is(err, ErrNoService) {
+			t.Errorf("GetStatusChange across the restart = %v, want ErrNoService", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Error("GetStatusChange still waiting 10 s after pcscd went away")
+	}
+
+	fresh := establish(t)
+	names, err := fresh.ListReaders()
+	if err != nil || len(names) == 0 || names[0] != e2eReader {
+		t.Fatalf("new context: ListReaders = %q, %v", names, err)
+	}
+	waitState(t, fresh, StatePresent)
+	k2, err := fresh.Connect(e2eReader, ShareShared, ProtocolAny)
+	if err != nil {
+		t.Fatalf("Connect after the restart: %v", err)
+	}
+	defer k2.Disconnect(LeaveCard)
+	if resp, err := k2.Transmit(selectPKI); err != nil || !ok(resp) {
+		t.Fatalf("Transmit after the restart: %X, %v", resp, err)
+	}
+}
