@@ -142,16 +142,20 @@ func (m *mirror) Transmit(ctx context.Context, cmd []byte) ([]byte, error) {
 	}
 	realResp, rerr := m.real.Transmit(ctx, cmd)
 	// Commands with a PIN are printed without it (apdu.Redact).
-	shown, _ := apdu.Redact(cmd)
+	kept, redacted := apdu.Redact(cmd)
+	shown := fmt.Sprintf("%X", kept)
+	if redacted > 0 {
+		shown += fmt.Sprintf(" (%d bytes with the PIN not shown)", redacted)
+	}
 	switch {
 	case rerr != nil:
-		fmt.Fprintf(m.out, "APDU %X: soft %X, card error: %v\n", shown, resp, rerr)
+		fmt.Fprintf(m.out, "APDU %s: soft %X, card error: %v\n", shown, resp, rerr)
 		if !errors.Is(rerr, context.Canceled) {
 			m.real.Close()
 			m.real = nil
 		}
 	case string(realResp) != string(resp):
-		fmt.Fprintf(m.out, "APDU %X differs:\n  soft %X\n  card %X\n", shown, resp, realResp)
+		fmt.Fprintf(m.out, "APDU %s differs:\n  soft %X\n  card %X\n", shown, resp, realResp)
 	}
 	return resp, nil
 }

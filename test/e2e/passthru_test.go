@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sort"
+	"sync"
 	"testing"
 	"time"
 
@@ -391,4 +392,93 @@ func TestPassthruAllReaders(t *testing.T) {
 	if got := read(hosts[0]); !bytes.Equal(got, want0) {
 		t.Errorf("target 0 after card 1 left: %X, want %X", got, want0)
 	}
+}
+
+// TestVscclientMirror: vscclient -p serves its soft card and also sends
+// each APDU to the physical card in the first reader, printing the
+// commands whose answers differ, with PINs redacted.
+func TestVscclientMirror(t *testing.T) {
+	e := newEnv(t)
+	root, err := moduleRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin := filepath.Join(t.TempDir(), "vscclient")
+	build := exec.Command("go", "build", "-o", bin, "./cmd/vscclient")
+	build.Dir = root
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("go build ./cmd/vscclient: %v\n%s", err, out)
+	}
+	e.serve([]card{{dir: e.newCard("physical"), slot: 0}})
+	// The soft card has other keys and another PIN, so some answers differ.
+	soft := filepath.Join(e.dir, "soft")
+	if r := e.vscard("card", "new", "--pin", "11112222", soft); r.code != 0 {
+		t.Fatalf("card new: %s", r)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	host, port, _ := net.SplitHostPort(ln.Addr().String())
+	var out bytes.Buffer
+	cmd := exec.Command(bin, "-p", "-e", `db="`+soft+`" use_hw=no soft=(,Soft,CAC,,id,signing,encryption)`, host, port)
+	cmd.Env = e.environ()
+	cmd.Stdout, cmd.Stderr = &syncWriter{w: &out}, &syncWriter{w: &out}
+	stdin, _ := cmd.StdinPipe()
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		stdin.Close()
+		cmd.Process.Signal(os.Interrupt)
+		cmd.Wait()
+		if t.Failed() || testing.Verbose() {
+			t.Logf("vscclient output:\n%s", lockedString(&out))
+		}
+	}()
+	h := fakehost.Accept(t, ln)
+	h.Handshake("Soft")
+	h.APDU(passthruScript[0]) // SELECT ACA: the same on both
+	h.APDU(passthruScript[1])
+	verify := append(mustHexE2E("0020000008"), []byte(testPIN)...)
+	if r := h.APDU(verify); !bytes.Equal(r, []byte{0x63, 0xC2}) {
+		t.Errorf("VERIFY answered %X, want the soft card's 63 C2", r)
+	}
+	h.APDU(passthruScript[2])
+	readCert := mustHexE2E("8052000002024000")
+	h.APDU(readCert)
+	deadline := time.Now().Add(10 * time.Second)
+	for !bytes.Contains([]byte(lockedString(&out)), []byte("8052000002024000 differs")) && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	got := lockedString(&out)
+	for _, want := range []string{"mirroring to " + readerName0, "8052000002024000 differs", "00200000 (9 bytes with the PIN not shown) differs"} {
+		if !bytes.Contains([]byte(got), []byte(want)) {
+			t.Errorf("output lacks %q", want)
+		}
+	}
+	if bytes.Contains([]byte(got), []byte("00A4040007A0000000790300 differs")) {
+		t.Errorf("SELECT ACA reported as different")
+	}
+	if bytes.Contains([]byte(got), []byte(hex.EncodeToString([]byte(testPIN)))) || bytes.Contains([]byte(got), []byte(fmt.Sprintf("%X", testPIN))) {
+		t.Errorf("the output shows the PIN")
+	}
+}
+
+var outMu sync.Mutex
+
+// syncWriter serialises the child's stdout and stderr into one buffer.
+type syncWriter struct{ w *bytes.Buffer }
+
+func (s *syncWriter) Write(p []byte) (int, error) {
+	outMu.Lock()
+	defer outMu.Unlock()
+	return s.w.Write(p)
+}
+
+func lockedString(b *bytes.Buffer) string {
+	outMu.Lock()
+	defer outMu.Unlock()
+	return b.String()
 }
