@@ -35,6 +35,16 @@
 // (authentication method blocked) without the card seeing the command, and
 // the log says why and that --allow-last-pin-try (Options.AllowLastPINTry)
 // turns the guard off. PIN bytes are never logged.
+//
+// # Readers that come and go
+//
+// Watch reports PC/SC readers and cards as they appear and disappear
+// (GetStatusChange with the PnP pseudo-reader, plus a periodic re-listing),
+// and survives pcscd restarts: every reader is reported gone when the
+// daemon goes, and back when it returns. Bridge turns those events into
+// AddReader, Insert, Remove and RemoveReader calls on VSCard clients
+// (vscard.Client), one client per reader, which is what
+// "vscard connect --pcsc" and vscclient's passthru run.
 package passthru
 
 import (
