@@ -107,6 +107,12 @@ func (f *fakeHandle) Transmit(cmd []byte) ([]byte, error) {
 	case 0xCA:
 		f.pending = bytes.Repeat([]byte{0xAB}, 300)
 		return f.chunk(), nil
+	case 0xB0:
+		// READ BINARY of a 16-byte file with the wrong Le: 6C 10.
+		if len(cmd) == 5 && cmd[4] == 0x10 {
+			return append(bytes.Repeat([]byte{0xCD}, 16), 0x90, 0x00), nil
+		}
+		return []byte{0x6C, 0x10}, nil
 	case 0xC0:
 		if f.pending == nil {
 			return []byte{0x69, 0x85}, nil
@@ -328,6 +334,24 @@ func TestChainKeepsTransaction(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := []string{"begin", "tx:00CA000000", "tx:00C000002C", "end:0", "begin", "tx:00A4040000", "end:0"}
+	if got := f.log(); strings.Join(got, " ") != strings.Join(want, " ") {
+		t.Errorf("calls %q, want %q", got, want)
+	}
+}
+
+// TestWrongLeKeepsTransaction: after 6C xx the guest re-sends the command
+// with the right Le inside the same transaction.
+func TestWrongLeKeepsTransaction(t *testing.T) {
+	f := newFake(3)
+	c, _ := newTestCard(t, f, Options{ChainHold: time.Hour})
+	ctx := context.Background()
+	if r, err := c.Transmit(ctx, h("00B0000000")); err != nil || !bytes.Equal(r, []byte{0x6C, 0x10}) {
+		t.Fatalf("READ BINARY: %X, %v", r, err)
+	}
+	if r, err := c.Transmit(ctx, h("00B0000010")); err != nil || len(r) != 18 {
+		t.Fatalf("READ BINARY again: %X, %v", r, err)
+	}
+	want := []string{"begin", "tx:00B0000000", "tx:00B0000010", "end:0"}
 	if got := f.log(); strings.Join(got, " ") != strings.Join(want, " ") {
 		t.Errorf("calls %q, want %q", got, want)
 	}

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -298,6 +299,31 @@ func TestPassthru(t *testing.T) {
 		}
 	})
 
+	t.Run("reset by a host program", func(t *testing.T) {
+		// A host program resets the card; the guest's next command still
+		// gets an answer (vscard reconnects without resetting it again),
+		// and the log says what happened.
+		pc, err := pcsc.EstablishContext(context.Background(), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer pc.Release()
+		k, err := pc.Connect(readerName0, pcsc.ShareShared, pcsc.ProtocolAny)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := k.Disconnect(pcsc.ResetCard); err != nil {
+			t.Fatalf("disconnect with reset: %v", err)
+		}
+		if r := h.APDU(passthruScript[0]); !bytes.Equal(r, []byte{0x61, 0x0D}) {
+			t.Errorf("SELECT ACA after a reset by another program: %X, want 61 0D", r)
+		}
+		log, _ := os.ReadFile(cp.log)
+		if !bytes.Contains(log, []byte("another program reset the card")) {
+			t.Errorf("the log does not mention the reset")
+		}
+	})
+
 	t.Run("card removal and insertion", func(t *testing.T) {
 		srv.stop()
 		expectType(t, h, fakehost.TCardRemove)
@@ -481,4 +507,36 @@ func lockedString(b *bytes.Buffer) string {
 	outMu.Lock()
 	defer outMu.Unlock()
 	return b.String()
+}
+
+// TestPassthruExclusive: with --exclusive a host program cannot connect
+// while the guest uses the card.
+func TestPassthruExclusive(t *testing.T) {
+	e := newEnv(t)
+	e.serve([]card{{dir: e.newCard("card"), slot: 0}})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	e.connectPCSC("--exclusive", "tcp:"+ln.Addr().String())
+	h := fakehost.Accept(t, ln)
+	h.Expect(fakehost.TInit)
+	h.Expect(fakehost.TReaderRemove)
+	h.Expect(fakehost.TReaderAdd)
+	h.Expect(fakehost.TATR)
+	if r := h.APDU(passthruScript[0]); !bytes.Equal(r, []byte{0x61, 0x0D}) {
+		t.Errorf("SELECT ACA: %X", r)
+	}
+	pc, err := pcsc.EstablishContext(context.Background(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Release()
+	if k, err := pc.Connect(readerName0, pcsc.ShareShared, pcsc.ProtocolAny); !errors.Is(err, pcsc.ErrSharingViolation) {
+		if err == nil {
+			k.Disconnect(pcsc.LeaveCard)
+		}
+		t.Errorf("host connect while the guest holds the card exclusively: %v, want a sharing violation", err)
+	}
 }
