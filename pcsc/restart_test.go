@@ -7,46 +7,24 @@ import (
 	"net"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strconv"
 	"testing"
 	"time"
 )
 
-// restartChildEnv marks the test binary run inside a nested with-pcscd.
-const restartChildEnv = "VSCARD_PCSC_RESTART_CHILD"
-
 // TestE2EPcscdRestart checks that a Context notices pcscd going away
 // (ErrNoService) and that a new Context sees the reader and card again.
-//
-// Restarting the daemon would disturb every other package's e2e tests
-// sharing it under scripts/test, so the test re-runs itself inside a
-// nested scripts/with-pcscd (a mount namespace of its own, a pcscd of its
-// own on two other vpcd ports) and restarts that one.
+// It restarts the pcscd TestMain started for this package alone.
 func TestE2EPcscdRestart(t *testing.T) {
-	if os.Getenv(restartChildEnv) == "1" {
-		restartChild(t)
-		return
+	port := needE2E(t)
+	restart := os.Getenv("VSCARD_PCSCD_RESTART")
+	if restart == "" {
+		t.Fatal("VSCARD_PCSCD_RESTART not set: scripts/with-pcscd too old?")
 	}
-	needE2E(t)
-	script, err := filepath.Abs(filepath.Join("..", "scripts", "with-pcscd"))
-	if err != nil {
-		t.Fatal(err)
+	if os.Getenv(privateEnv) != "1" {
+		t.Skip("not restarting a pcscd shared with other tests (see TestMain)")
 	}
-	port, err := freePortPair()
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, script, os.Args[0], "-test.run=^TestE2EPcscdRestart$", "-test.v", "-test.count=1")
-	cmd.Env = append(os.Environ(), restartChildEnv+"=1", "VSCARD_VPCD_PORT="+strconv.Itoa(port),
-		"VSCARD_E2E=", "_VSCARD_PCSCD_IN_NS=")
-	out, err := cmd.CombinedOutput()
-	t.Logf("nested run (vpcd port %d):\n%s", port, out)
-	if err != nil {
-		t.Fatalf("nested with-pcscd: %v", err)
-	}
+	restartBody(t, port, restart)
 }
 
 // freePortPair finds a port p with p+1 also free, for with-pcscd's two
@@ -70,12 +48,7 @@ func freePortPair() (int, error) {
 	return 0, fmt.Errorf("no two adjacent free TCP ports")
 }
 
-func restartChild(t *testing.T) {
-	port := needE2E(t)
-	restart := os.Getenv("VSCARD_PCSCD_RESTART")
-	if restart == "" {
-		t.Fatal("VSCARD_PCSCD_RESTART not set: scripts/with-pcscd too old?")
-	}
+func restartBody(t *testing.T, port, restart string) {
 	old := establish(t)
 	waitState(t, old, StateEmpty)
 	c := testCAC(t)
