@@ -218,24 +218,26 @@ func TestE2EGetStatusChange(t *testing.T) {
 
 	// Insertion seen while waiting.
 	c := testCAC(t)
-	var s *servedCard
-	go func() {
-		time.Sleep(200 * time.Millisecond)
-		ctx, cancel := context.WithCancel(context.Background())
-		done := make(chan error, 1)
-		go func() { done <- vpcd.Serve(ctx, net.JoinHostPort("127.0.0.1", port), c, nil) }()
-		var once sync.Once
-		s = &servedCard{card: c, stop: func() { once.Do(func() { cancel(); <-done }) }}
-	}()
+	// The card goes in 200 ms into the wait; stop removes it.
+	ctx, cancel := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	time.AfterFunc(200*time.Millisecond, func() {
+		served <- vpcd.Serve(ctx, net.JoinHostPort("127.0.0.1", port), c, nil)
+	})
+	var once sync.Once
+	stop := func() {
+		once.Do(func() {
+			cancel()
+			if err := <-served; err != nil {
+				t.Errorf("vpcd.Serve: %v", err)
+			}
+		})
+	}
+	t.Cleanup(stop)
 	before := st[0].CurrentState
 	if err := pc.GetStatusChange(context.Background(), 15*time.Second, st); err != nil {
 		t.Fatalf("GetStatusChange(insertion): %v", err)
 	}
-	t.Cleanup(func() {
-		if s != nil {
-			s.stop()
-		}
-	})
 	if st[0].EventState&(StatePresent|StateChanged) != StatePresent|StateChanged {
 		t.Fatalf("after insertion EventState %v", st[0].EventState)
 	}
@@ -248,10 +250,7 @@ func TestE2EGetStatusChange(t *testing.T) {
 
 	// Removal seen while waiting.
 	st[0].CurrentState = st[0].EventState &^ StateChanged
-	go func() {
-		time.Sleep(200 * time.Millisecond)
-		s.stop()
-	}()
+	time.AfterFunc(200*time.Millisecond, stop)
 	if err := pc.GetStatusChange(context.Background(), 15*time.Second, st); err != nil {
 		t.Fatalf("GetStatusChange(removal): %v", err)
 	}
