@@ -46,7 +46,10 @@ func (s clientSlot) HoldsCard() bool { return s.Status().CardInserted }
 func runConnectPCSC(ctx context.Context, env *environ, r *pcscRun) error {
 	log := r.log
 	if r.reader != "" && r.reader != "all" {
-		checkReaderName(ctx, r.reader, log)
+		if err := checkReaderName(ctx, r.reader, log); err != nil {
+			r.ctl.Close()
+			return err
+		}
 	}
 	var clients []*vscard.Client
 	var slots []passthru.Slot
@@ -116,27 +119,29 @@ func runConnectPCSC(ctx context.Context, env *environ, r *pcscRun) error {
 	return nil
 }
 
-// checkReaderName tells the user at start when --reader matches several
-// readers or none (then it waits for one to be plugged in).
-func checkReaderName(ctx context.Context, want string, log *slog.Logger) {
+// checkReaderName refuses, at start, a --reader that matches several of
+// pcscd's readers, and says so when it matches none yet (then it waits for
+// one to be plugged in). Without pcscd there is nothing to check.
+func checkReaderName(ctx context.Context, want string, log *slog.Logger) error {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	pc, err := pcsc.EstablishContext(ctx, nil)
 	if err != nil {
-		return // the bridge says that pcscd is not there
+		return nil // the bridge says that pcscd is not there
 	}
 	defer pc.Release()
 	readers, err := pc.ListReaders()
 	if err != nil && !errors.Is(err, pcsc.ErrNoReadersAvailable) {
-		return
+		return nil
 	}
 	_, ok, err := passthru.MatchReader(want, readers)
 	switch {
 	case err != nil:
-		log.Error("--reader matches several readers; give more of the name", "err", err)
+		return fmt.Errorf("%w: --reader: %v; give more of the name", errUsage, err)
 	case !ok:
 		log.Info("no reader matches --reader yet; waiting for it to be plugged in", "reader", want, "readers", readers)
 	}
+	return nil
 }
 
 // pcscSession answers the interactive commands of "vscard connect --pcsc".

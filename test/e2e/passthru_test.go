@@ -519,6 +519,11 @@ func TestPassthruExclusive(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ln.Close()
+	// A --reader that matches both vpcd readers is refused at start.
+	if r := e.vscard("connect", "--pcsc", "--no-stdin", "--reader", "Virtual PCD", "tcp:"+ln.Addr().String()); r.code != 2 ||
+		!bytes.Contains([]byte(r.out), []byte("ambiguous")) {
+		t.Errorf("ambiguous --reader: want exit 2 naming the ambiguity:\n%s", r)
+	}
 	e.connectPCSC("--exclusive", "tcp:"+ln.Addr().String())
 	h := fakehost.Accept(t, ln)
 	h.Expect(fakehost.TInit)
