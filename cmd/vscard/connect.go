@@ -117,8 +117,8 @@ func runConnect(ctx context.Context, env *environ, args []string) error {
 	if *certs != "" && *nssDB == "" {
 		return fmt.Errorf("%w: --certs picks certificates of an NSS database: give --nss DIR too", errUsage)
 	}
-	if *usePCSC && (*cardDir != "" || *nssDB != "") {
-		return fmt.Errorf("%w: --pcsc forwards a physical card; it does not go with --card or --nss", errUsage)
+	if *usePCSC && (*cardDir != "" || *nssDB != "" || *strict) {
+		return fmt.Errorf("%w: --pcsc forwards a physical card; it does not go with --card, --nss or --strict", errUsage)
 	}
 	if !*usePCSC && (*pcscReader != "" || *exclusive || *allowLastPIN) {
 		return fmt.Errorf("%w: --reader, --exclusive and --allow-last-pin-try go with --pcsc", errUsage)

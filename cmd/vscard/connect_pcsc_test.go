@@ -19,7 +19,8 @@ func TestConnectPCSCUsageErrors(t *testing.T) {
 		want string
 	}{
 		{[]string{"connect", "--pcsc"}, "at least one TARGET"},
-		{[]string{"connect", "--pcsc", "--card", "/x", "tcp:127.0.0.1:1"}, "does not go with --card or --nss"},
+		{[]string{"connect", "--pcsc", "--card", "/x", "tcp:127.0.0.1:1"}, "does not go with --card, --nss or --strict"},
+		{[]string{"connect", "--pcsc", "--strict", "tcp:127.0.0.1:1"}, "does not go with --card, --nss or --strict"},
 		{[]string{"connect", "--pcsc", "tcp:127.0.0.1:1", "tcp:127.0.0.1:2"}, "need --reader all"},
 		{[]string{"connect", "--pcsc", "--reader", "all", "tcp:127.0.0.1:1", "nowhere"}, "want tcp:HOST:PORT"},
 		{[]string{"connect", "--reader", "Virtual", "tcp:127.0.0.1:1"}, "go with --pcsc"},
