@@ -76,7 +76,12 @@ func EstablishContext(ctx context.Context, opts *Options) (*Context, error) {
 	c.log.Debug("pcsc: connected", "socket", c.socket, "ipc", fmt.Sprintf("4.%d", c.minor), "server_minor", srvMinor)
 
 	var reply [establishLen]byte
-	if err := c.exchange("establish context", request(cmdEstablishContext, []uint32{scopeSystem, 0, 0}, nil), reply[:]); err != nil {
+	if dl, ok := ctx.Deadline(); ok {
+		conn.SetDeadline(dl)
+	}
+	err = c.exchange("establish context", request(cmdEstablishContext, []uint32{scopeSystem, 0, 0}, nil), reply[:])
+	conn.SetDeadline(time.Time{})
+	if err != nil {
 		c.conn.Close()
 		return nil, err
 	}
