@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"os"
 	"path/filepath"
 	"sync"
 	"testing"
@@ -644,5 +645,24 @@ func TestBeginTransactionPolls(t *testing.T) {
 	defer cancel()
 	if err := k.BeginTransaction(ctx); !errors.Is(err, ErrCancelled) || !errors.Is(err, context.DeadlineExceeded) {
 		t.Errorf("BeginTransaction with an ending ctx: %v", err)
+	}
+}
+
+// TestEstablishDeadline: a daemon that accepts but never answers does not
+// hang EstablishContext past its ctx deadline.
+func TestEstablishDeadline(t *testing.T) {
+	for _, silent := range []uint32{cmdVersion, cmdEstablishContext} {
+		d := newFakeD(t, 4, true)
+		d.override = func(s *fakeSession, cmd uint32, body []byte) bool { return cmd == silent }
+		ctx, cancel := context.WithTimeout(bg(), 100*time.Millisecond)
+		start := time.Now()
+		_, err := EstablishContext(ctx, d.opts())
+		cancel()
+		if !errors.Is(err, ErrNoService) || !errors.Is(err, os.ErrDeadlineExceeded) {
+			t.Errorf("silent on %#x: %v, want ErrNoService and a deadline error", silent, err)
+		}
+		if el := time.Since(start); el > 2*time.Second {
+			t.Errorf("silent on %#x: returned after %v", silent, el)
+		}
 	}
 }
