@@ -566,7 +566,7 @@ func TestConnectUsageErrors(t *testing.T) {
 		{[]string{"connect", "nowhere"}, exitUsage, "want tcp:HOST:PORT"},
 		{[]string{"connect", "--log-level", "loud", "tcp:127.0.0.1:1"}, exitUsage, "--log-level"},
 		{[]string{"connect", "--nss", "/etc/pki/nssdb", "tcp:127.0.0.1:1"}, exitUsage, "--nss needs --certs"},
-		{[]string{"connect", "--pcsc", "Reader 0", "tcp:127.0.0.1:1"}, exitError, "not supported yet (issue 5)"},
+		{[]string{"connect", "--pcsc", "Reader 0", "tcp:127.0.0.1:1"}, exitUsage, "need --reader all"},
 		{[]string{"connect", "--tls-cert", "x", "tcp:127.0.0.1:1"}, exitUsage, "needs --tls-ca"},
 		{[]string{"qemu-args", "--socket", "unix:/tmp/q.sock", "--tls-dir", "/tmp"}, exitUsage, "QEMU does not support TLS on a unix socket"},
 		{[]string{"connect", "--card", "/nonexistent/card", "--control", "/nonexistent/x.sock", "tcp:127.0.0.1:1"}, exitError, "/nonexistent/card"},
