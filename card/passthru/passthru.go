@@ -27,11 +27,17 @@
 // in a loop) would block the user's real card, and unblocking needs the
 // card issuer. By default Card refuses to forward a VERIFY (INS 20) or
 // CHANGE REFERENCE DATA (INS 24) with data that would use a PIN reference's
-// last try. It learns the tries left from the card's 63 Cx answers; when it
-// does not know them, or another program may have changed them (the card is
-// shared), it first sends VERIFY without data (ISO 7816-4 §11.5.6: the card
-// answers 63 Cx with the tries left, or 90 00 when already verified), which
-// CAC and PIV cards answer. When one try is left, the guest gets 69 83
+// last try. It learns the tries left from the card's 63 Cx answers; when
+// another program may have changed them since (the card is shared), it
+// first sends VERIFY without data (ISO 7816-4 §11.5.6: the card answers
+// 63 Cx with the tries left, or 90 00 when already verified), which CAC,
+// PIV and most ISO cards answer. A card that answers the query with
+// anything else is never queried again for that reference: some cards take
+// an empty VERIFY as a wrong PIN (vsmartcard's vicc answers 63 00 and
+// counts it), and repeating the query would spend the very tries the guard
+// is there to save. Such a card costs one try, once per insertion, and from
+// then on is guarded only by its answers to the guest's own PIN commands.
+// When one try is left, the guest gets 69 83
 // (authentication method blocked) without the card seeing the command, and
 // the log says why and that --allow-last-pin-try (Options.AllowLastPINTry)
 // turns the guard off. PIN bytes are never logged.
@@ -116,6 +122,11 @@ type Card struct {
 	// the current transaction, or any time in exclusive mode.
 	tries map[byte]int
 	fresh map[byte]bool
+	// query records, per reference, whether an empty VERIFY may be sent to
+	// learn the tries left: true once the card answered 63 Cx for it, false
+	// once a query got no count back. It describes the card, not its
+	// state, so power events keep it.
+	query map[byte]bool
 }
 
 // Open connects to the card in reader through pc. The Card uses pc for
@@ -176,7 +187,7 @@ func newCard(h handle, reader string, mode pcsc.ShareMode, opts *Options) (*Card
 	return &Card{
 		reader: reader, o: o, log: log.With("reader", reader), mode: mode, h: h,
 		atr:   append([]byte(nil), st.ATR...),
-		tries: make(map[byte]int), fresh: make(map[byte]bool),
+		tries: make(map[byte]int), fresh: make(map[byte]bool), query: make(map[byte]bool),
 	}, nil
 }
 
@@ -310,7 +321,7 @@ func (c *Card) guarded(cmd []byte) ([]byte, error) {
 	}
 	ref := pc.P2
 	if len(pc.Data) > 0 {
-		if !c.fresh[ref] {
+		if ok, known := c.query[ref]; !c.fresh[ref] && (ok || !known) {
 			if err := c.probe(pc.CLA&^0x10, pc.INS, pc.P1, ref); err != nil {
 				return nil, err
 			}
@@ -359,8 +370,11 @@ func (c *Card) probe(cla, ins, p1, ref byte) error {
 	case sw == 0x6983:
 		c.tries[ref], c.fresh[ref] = 0, true
 	default:
-		// The card does not tell; keep what its last 63 Cx said.
-		c.log.Debug("card does not report PIN tries on an empty VERIFY", "pin_reference", fmt.Sprintf("%02X", ref), "sw", fmt.Sprintf("%04X", sw))
+		// The card does not tell (and may even have counted the query as
+		// a wrong PIN): never ask it again, keep what its last 63 Cx said.
+		c.query[ref] = false
+		c.log.Warn("card does not report PIN tries on an empty VERIFY; the last-PIN-try guard now relies on its answers to the guest's own PIN commands",
+			"pin_reference", fmt.Sprintf("%02X", ref), "sw", fmt.Sprintf("%04X", sw))
 	}
 	return nil
 }
@@ -372,6 +386,9 @@ func (c *Card) learn(pc apdu.Command, resp []byte) {
 	switch {
 	case sw&0xFFF0 == 0x63C0:
 		c.tries[ref], c.fresh[ref] = int(sw&0x0F), true
+		if _, known := c.query[ref]; !known {
+			c.query[ref] = true // it counts tries the ISO way
+		}
 	case sw == 0x9000 && (len(pc.Data) > 0 || pc.INS == insVerify):
 		// Verified (or changed): the card reset its counter to the maximum.
 		delete(c.tries, ref)

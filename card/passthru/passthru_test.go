@@ -26,8 +26,11 @@ type fakeHandle struct {
 	maxTries int
 	verified bool
 	noProbe  bool
-	pending  []byte // rest of a response chain
-	inTx     bool
+	// probeCounts makes the card behave like vsmartcard's vicc: an empty
+	// VERIFY is a wrong PIN, answered 63 00, and wrong PINs say 63 00 too.
+	probeCounts bool
+	pending     []byte // rest of a response chain
+	inTx        bool
 	// failNext makes the next call of that name fail with the error.
 	failNext map[string]error
 	atr      []byte
@@ -77,6 +80,13 @@ func (f *fakeHandle) Transmit(cmd []byte) ([]byte, error) {
 	case 0x20, 0x24:
 		if cmd[3] != 0x80 {
 			return []byte{0x6A, 0x88}, nil
+		}
+		if f.probeCounts && (len(cmd) == 4 || string(cmd[5:]) != "12345678") {
+			if f.tries == 0 {
+				return []byte{0x69, 0x83}, nil
+			}
+			f.tries--
+			return []byte{0x63, 0x00}, nil
 		}
 		if len(cmd) == 4 {
 			if f.noProbe {
@@ -230,12 +240,14 @@ func TestGuard(t *testing.T) {
 		name    string
 		tries   int
 		noProbe bool
-		allow   bool
-		excl    bool
-		cmds    [][]byte
-		want    []string // the answers, hex
-		card    int      // the card's tries left afterwards
-		refused bool     // a refusal is logged
+		// probeCounts: the card takes an empty VERIFY as a wrong PIN.
+		probeCounts bool
+		allow       bool
+		excl        bool
+		cmds        [][]byte
+		want        []string // the answers, hex
+		card        int      // the card's tries left afterwards
+		refused     bool     // a refusal is logged
 	}{
 		{name: "wrong PINs stop at one try left", tries: 3, cmds: [][]byte{wrong, wrong, wrong, wrong},
 			want: []string{"63C2", "63C1", "6983", "6983"}, card: 1, refused: true},
@@ -249,6 +261,11 @@ func TestGuard(t *testing.T) {
 			want: []string{"63C0", "6983"}, card: 0},
 		{name: "card that does not answer the probe: learns from 63 Cx", tries: 2, noProbe: true,
 			cmds: [][]byte{wrong, wrong}, want: []string{"63C1", "6983"}, card: 1, refused: true},
+		// vicc counts the probe as a wrong PIN: the guard spends one try
+		// finding that out, and never probes again, so wrong-then-right
+		// still works with 3 tries (probing each time would block it).
+		{name: "card that counts the probe as a wrong PIN is probed once", tries: 3, probeCounts: true,
+			cmds: [][]byte{wrong, right, wrong}, want: []string{"6300", "9000", "6300"}, card: 2},
 		{name: "exclusive mode probes once", tries: 3, excl: true, cmds: [][]byte{wrong, wrong, wrong},
 			want: []string{"63C2", "63C1", "6983"}, card: 1, refused: true},
 		{name: "empty VERIFY is forwarded", tries: 1, cmds: [][]byte{h("00200080")},
@@ -260,6 +277,7 @@ func TestGuard(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			f := newFake(tc.tries)
 			f.noProbe = tc.noProbe
+			f.probeCounts = tc.probeCounts
 			c, lb := newTestCard(t, f, Options{AllowLastPINTry: tc.allow, Exclusive: tc.excl})
 			for i, cmd := range tc.cmds {
 				resp, err := c.Transmit(context.Background(), cmd)
