@@ -54,6 +54,7 @@
 package passthru
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -73,6 +74,10 @@ type Options struct {
 	Exclusive bool
 	// AllowLastPINTry turns the last-PIN-try guard off.
 	AllowLastPINTry bool
+	// KeepATR forwards the card's ATR unchanged even when it offers only
+	// T=1. By default such an ATR is shown as T=0 (T0ATR), because QEMU
+	// 7.2's usb-ccid cannot do T=1 and the guest would refuse the card.
+	KeepATR bool
 	// ChainHold bounds how long a transaction is kept open after a 61 xx or
 	// 6C xx answer while waiting for the guest's next command. Zero means
 	// DefaultChainHold.
@@ -184,18 +189,36 @@ func newCard(h handle, reader string, mode pcsc.ShareMode, opts *Options) (*Card
 	if len(st.ATR) == 0 {
 		return nil, fmt.Errorf("passthru: card in %q has no ATR", reader)
 	}
-	return &Card{
+	c := &Card{
 		reader: reader, o: o, log: log.With("reader", reader), mode: mode, h: h,
-		atr:   append([]byte(nil), st.ATR...),
 		tries: make(map[byte]int), fresh: make(map[byte]bool), query: make(map[byte]bool),
-	}, nil
+	}
+	c.setATR(st.ATR)
+	return c, nil
+}
+
+// setATR records the card's ATR as the guest will see it. Called with mu
+// held or before the Card is shared.
+func (c *Card) setATR(real []byte) {
+	atr := append([]byte(nil), real...)
+	if !c.o.KeepATR {
+		if t0, changed := T0ATR(atr); changed {
+			if !bytes.Equal(t0, c.atr) {
+				c.log.Info("the card offers only T=1, which QEMU's usb-ccid cannot do: the guest gets the same ATR announcing T=0 (APDUs are forwarded unchanged); --keep-atr turns this off",
+					"atr", fmt.Sprintf("%X", real), "guest_atr", fmt.Sprintf("%X", t0))
+			}
+			atr = t0
+		}
+	}
+	c.atr = atr
 }
 
 // Reader returns the PC/SC reader name.
 func (c *Card) Reader() string { return c.reader }
 
 // ATR returns the real card's ATR, as read when it was opened or last
-// reconnected.
+// reconnected; a card that offers only T=1 is shown as T=0 unless
+// Options.KeepATR is set (see T0ATR).
 func (c *Card) ATR() []byte {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -280,7 +303,7 @@ func (c *Card) reconnect() error {
 		return fmt.Errorf("passthru: %s: reconnect after reset: %w", c.reader, err)
 	}
 	if st, err := c.h.Status(); err == nil && len(st.ATR) > 0 {
-		c.atr = append([]byte(nil), st.ATR...)
+		c.setATR(st.ATR)
 	}
 	return nil
 }

@@ -52,7 +52,9 @@ ccid-card-passthru has one reader per chardev). --reader picks the reader:
 an exact name or a unique part of one (default: the first reader), or 'all'
 for every reader, each on the next free TARGET. A VERIFY that would use the
 card's last PIN try is refused (the guest gets 69 83) unless
---allow-last-pin-try is given.
+--allow-last-pin-try is given. A card that offers only T=1 (most physical
+cards) is shown to the guest with the same ATR announcing T=0, because QEMU
+7.2's usb-ccid cannot do T=1; --keep-atr forwards the ATR unchanged.
 
 While it runs, it takes commands on stdin and on its control socket
 ('vscard ctl COMMAND'): insert, remove, list, status, debug LEVEL, quit.
@@ -97,6 +99,7 @@ func runConnect(ctx context.Context, env *environ, args []string) error {
 	pcscReader := fs.String("reader", "", "with --pcsc: the PC/SC reader `NAME` (exact, or a unique part of it), or 'all' (default: the first reader)")
 	exclusive := fs.Bool("exclusive", false, "with --pcsc: hold the card exclusively; host programs cannot use it meanwhile")
 	allowLastPIN := fs.Bool("allow-last-pin-try", false, "with --pcsc: let the guest's VERIFY use the card's last PIN try (a wrong PIN then blocks the card)")
+	keepATR := fs.Bool("keep-atr", false, "with --pcsc: forward a T=1-only card's ATR unchanged (for hosts whose reader does T=1; QEMU 7.2's usb-ccid does not)")
 	fs.Usage = func() {
 		fmt.Fprint(fs.Output(), connectUsage)
 		fs.PrintDefaults()
@@ -120,8 +123,8 @@ func runConnect(ctx context.Context, env *environ, args []string) error {
 	if *usePCSC && (*cardDir != "" || *nssDB != "" || *strict) {
 		return fmt.Errorf("%w: --pcsc forwards a physical card; it does not go with --card, --nss or --strict", errUsage)
 	}
-	if !*usePCSC && (*pcscReader != "" || *exclusive || *allowLastPIN) {
-		return fmt.Errorf("%w: --reader, --exclusive and --allow-last-pin-try go with --pcsc", errUsage)
+	if !*usePCSC && (*pcscReader != "" || *exclusive || *allowLastPIN || *keepATR) {
+		return fmt.Errorf("%w: --reader, --exclusive, --allow-last-pin-try and --keep-atr go with --pcsc", errUsage)
 	}
 	if *usePCSC {
 		if fs.NArg() == 0 {
@@ -213,7 +216,7 @@ func runConnect(ctx context.Context, env *environ, args []string) error {
 	defer cancel()
 	if *usePCSC {
 		return runConnectPCSC(ctx, env, &pcscRun{
-			targets: tgts, tlsCfgs: tlsCfgs, reader: *pcscReader, exclusive: *exclusive, allowLastPIN: *allowLastPIN,
+			targets: tgts, tlsCfgs: tlsCfgs, reader: *pcscReader, exclusive: *exclusive, allowLastPIN: *allowLastPIN, keepATR: *keepATR,
 			readerName: *readerName, noWorkaround: *noWorkaround, noStdin: *noStdin,
 			log: log, level: &level, trace: trace, ctl: ln, ctlPath: ctlPath, cancel: cancel,
 		})

@@ -24,6 +24,7 @@ type pcscRun struct {
 	reader       string // --reader: "" (first), "all", or a name
 	exclusive    bool
 	allowLastPIN bool
+	keepATR      bool
 	readerName   string // --reader-name (ReaderAdd payload)
 	noWorkaround bool
 	noStdin      bool
@@ -73,7 +74,7 @@ func runConnectPCSC(ctx context.Context, env *environ, r *pcscRun) error {
 	}
 	bridge := passthru.NewBridge(slots, &passthru.BridgeOptions{
 		Reader: r.reader,
-		Card:   passthru.Options{Exclusive: r.exclusive, AllowLastPINTry: r.allowLastPIN},
+		Card:   passthru.Options{Exclusive: r.exclusive, AllowLastPINTry: r.allowLastPIN, KeepATR: r.keepATR},
 		Logger: log,
 	})
 	if r.allowLastPIN {

@@ -26,6 +26,7 @@ func TestConnectPCSCUsageErrors(t *testing.T) {
 		{[]string{"connect", "--reader", "Virtual", "tcp:127.0.0.1:1"}, "go with --pcsc"},
 		{[]string{"connect", "--allow-last-pin-try", "tcp:127.0.0.1:1"}, "go with --pcsc"},
 		{[]string{"connect", "--exclusive", "tcp:127.0.0.1:1"}, "go with --pcsc"},
+		{[]string{"connect", "--keep-atr", "tcp:127.0.0.1:1"}, "go with --pcsc"},
 	} {
 		var out bytes.Buffer
 		code := run(context.Background(), &environ{stdin: strings.NewReader(""), stdout: &out, stderr: &out}, tc.args)
