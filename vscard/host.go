@@ -95,6 +95,8 @@ type Host struct {
 	reader    bool                // a reader was added
 	cardIn    bool                // the client inserted a card
 	pending   chan transmitResult // the waiting Transmit's channel, or nil
+	flushing  chan struct{}       // the waiting Flush's channel, or nil
+	flushOwed int                 // FlushCompletes due to Flush calls that gave up
 	closedErr error               // why the link ended, once done is closed
 }
 
@@ -190,6 +192,60 @@ func (h *Host) Transmit(ctx context.Context, readerID uint32, apdu []byte) ([]by
 			<-h.sem
 		}()
 		return nil, ctx.Err()
+	}
+}
+
+// Flush sends the client a Flush and waits for its FlushComplete, which a
+// client sends once it has answered every APDU sent before the Flush
+// (protocols.md §1.2): after it, no stale response can be in flight. Like
+// Transmit, it waits for the line. vscclient only handles a zero-length
+// Flush when more bytes arrive (protocols.md §2.3 item 7), so give ctx a
+// deadline: when ctx ends first, Flush returns ctx's error and frees the
+// line at once; the late FlushComplete, which vscclient sends before the
+// answer to the next APDU, is then dropped.
+func (h *Host) Flush(ctx context.Context) error {
+	select {
+	case <-h.done:
+		return h.closedError()
+	default:
+	}
+	select {
+	case h.sem <- struct{}{}:
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-h.done:
+		return h.closedError()
+	}
+	defer func() { <-h.sem }()
+	ch := make(chan struct{}, 1)
+	h.mu.Lock()
+	h.flushing = ch
+	err := h.sendLocked(MsgFlush, MinimalReaderID, nil)
+	if err != nil {
+		h.flushing = nil
+	}
+	h.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	select {
+	case <-ch:
+		return nil
+	case <-h.done:
+		return h.closedError()
+	case <-ctx.Done():
+		h.mu.Lock()
+		if h.flushing == ch {
+			h.flushing = nil
+			h.flushOwed++
+		}
+		h.mu.Unlock()
+		select {
+		case <-ch: // it arrived meanwhile after all
+			return nil
+		default:
+		}
+		return ctx.Err()
 	}
 }
 
@@ -389,6 +445,18 @@ func (h *Host) handle(ctx context.Context, m Message) error {
 		return h.send(MsgFlushComplete, m.ReaderID, nil)
 
 	case MsgFlushComplete:
+		h.mu.Lock()
+		defer h.mu.Unlock()
+		switch {
+		case h.flushOwed > 0:
+			// The answer to a Flush whose caller gave up.
+			h.flushOwed--
+		case h.flushing != nil:
+			h.flushing <- struct{}{}
+			h.flushing = nil
+		default:
+			log.Debug("VSCard host: FlushComplete nobody asked for")
+		}
 		return nil
 
 	default:
