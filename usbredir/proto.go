@@ -85,12 +85,12 @@ const ourCaps = capConnectDeviceVersion | capFilter | capDeviceDisconnectAck |
 // CCID message is at most a few KiB (dwMaxCCIDMessageLength), so anything
 // past maxData is an error, rejected before allocating (protocols.md §6.3).
 const (
-	maxData       = 1 << 20
-	maxSkip       = 128<<20 + 1024 // the reference parser's packet limit
-	helloLen      = 64
-	maxControlIn  = 4096
-	hdrLen32      = 12
-	hdrLen64      = 16
+	maxData      = 1 << 20
+	maxSkip      = 128<<20 + 1024 // the reference parser's packet limit
+	helloLen     = 64
+	maxControlIn = 4096
+	hdrLen32     = 12
+	hdrLen64     = 16
 )
 
 // codec holds what the negotiated capabilities change in the framing.
