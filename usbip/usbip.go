@@ -39,7 +39,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"time"
 
 	"github.com/vscard/vscard/internal/netutil"
 	"github.com/vscard/vscard/usb"
@@ -71,11 +70,6 @@ type export struct {
 // devid is how the client addresses the device in URB headers (Linux
 // vhci-hcd: busnum<<16 | devnum from the import reply).
 func (e *export) devid() uint32 { return e.busnum<<16 | e.devnum }
-
-// opPhaseTimeout bounds how long a client may take to send its operation
-// request; URB traffic has no such bound since an idle interrupt endpoint
-// is normal.
-const opPhaseTimeout = 30 * time.Second
 
 // NewServer returns a Server with no devices.
 func NewServer(opts *Options) *Server {
@@ -162,7 +156,9 @@ func (s *Server) serveConn(ctx context.Context, c net.Conn) {
 	defer c.Close()
 	conn := netutil.LowLatency(c)
 
-	_ = c.SetReadDeadline(time.Now().Add(opPhaseTimeout))
+	// No deadline for the operation request: QEMU's guestfwd (the way a
+	// guest on user networking reaches a host port) connects once when QEMU
+	// starts, and the guest's usbip tool speaks on it only after boot.
 	var hb [opHeaderLen]byte
 	if _, err := io.ReadFull(conn, hb[:]); err != nil {
 		log.Debug("usbip: no operation request", "err", err)
@@ -200,7 +196,6 @@ func (s *Server) serveConn(ctx context.Context, c net.Conn) {
 			log.Debug("usbip: write import reply", "err", err)
 			return
 		}
-		_ = c.SetReadDeadline(time.Time{})
 		log = log.With("busid", busid)
 		log.Info("usbip: device imported")
 		err := runSession(ctx, conn, e.dev, e.devid(), log)
