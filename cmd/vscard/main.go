@@ -10,7 +10,8 @@
 //	vscard card export-ca DIR          write the card's CA certificate
 //	vscard serve --card DIR --vpcd HOST:PORT [...]
 //	vscard connect [--card DIR | --nss DB --certs A,B,C] TARGET
-//	vscard ctl COMMAND                 control a running vscard connect
+//	vscard reader --usbredir TARGET|--usbip ADDR SOURCE...  a USB CCID reader with cards
+//	vscard ctl COMMAND                 control a running vscard connect or reader
 //	vscard qemu-args [--socket TARGET] print the matching QEMU options
 //	vscard readers [--watch] [--json]  list PC/SC readers, cards and ATRs
 //	vscard apdu [--reader R] HEX...    send APDUs to a card through pcscd
@@ -58,6 +59,7 @@ func commands() []command {
 		{"card", "make, import, inspect and export virtual cards (card new|import|show|export-ca)", runCard},
 		{"serve", "serve cards to pcscd through vsmartcard's vpcd", runServe},
 		{"connect", "connect a card to a QEMU guest's ccid-card-passthru socket", runConnect},
+		{"reader", "run vscard's own USB CCID reader, exported over usbredir and/or USB/IP", runReader},
 		{"ctl", "send a command (insert, remove, status, ...) to a running connect", runCtl},
 		{"qemu-args", "print the QEMU options for 'vscard connect'", runQEMUArgs},
 		{"readers", "list PC/SC readers with card state and ATR (--watch for changes)", runReaders},

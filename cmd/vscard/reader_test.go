@@ -1,0 +1,507 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vscard/vscard/card/cac"
+	"github.com/vscard/vscard/internal/ctl"
+	"github.com/vscard/vscard/internal/fakehost"
+	"github.com/vscard/vscard/internal/nsstest"
+	"github.com/vscard/vscard/token/store"
+	"github.com/vscard/vscard/usb"
+	"github.com/vscard/vscard/vscard"
+)
+
+func TestParseReaderFlags(t *testing.T) {
+	tests := []struct {
+		name string
+		args []string
+		want func(*readerConfig) string // "" when cfg is right
+	}{
+		{"sources keep their order, --certs binds to the --nss before it",
+			[]string{"--usbredir", "unix:/tmp/r.sock", "--nss", "sql:/db", "--card", "/c1", "--certs", "a,b", "--vscard-listen", "unix:/tmp/v.sock", "--pcsc", "Gemalto"},
+			func(c *readerConfig) string {
+				got := fmt.Sprint(c.sources)
+				want := "[--nss sql:/db --certs a,b --card /c1 --vscard-listen unix:/tmp/v.sock --pcsc Gemalto]"
+				if got != want {
+					return fmt.Sprintf("sources %s, want %s", got, want)
+				}
+				if c.sources[2].addr != (target{Network: "unix", Addr: "/tmp/v.sock"}) {
+					return fmt.Sprintf("listen addr %+v", c.sources[2].addr)
+				}
+				if c.usbredir == nil || c.usbredir.String() != "unix:/tmp/r.sock" || c.usbredirListen || c.usbip != "" {
+					return fmt.Sprintf("exports %+v %v %q", c.usbredir, c.usbredirListen, c.usbip)
+				}
+				return ""
+			}},
+		{"defaults: VID:PID, busid, loopback usbip port",
+			[]string{"--usbip", ":3240", "--card", "/c"},
+			func(c *readerConfig) string {
+				if c.vid != 0x08E6 || c.pid != 0x4433 || c.busid != "1-1" || c.usbip != "127.0.0.1:3240" {
+					return fmt.Sprintf("%04x:%04x busid %q usbip %q", c.vid, c.pid, c.busid, c.usbip)
+				}
+				return ""
+			}},
+		{"usbip host only gets port 3240",
+			[]string{"--usbip", "127.0.0.1", "--card", "/c"},
+			func(c *readerConfig) string {
+				if c.usbip != "127.0.0.1:3240" {
+					return c.usbip
+				}
+				return ""
+			}},
+		{"both exports, named bus id, other VID:PID, listen mode",
+			[]string{"--usbredir", "tcp::7000", "--listen", "--usbip", "[::1]:3241", "--busid", "2-3.1", "--vid-pid", "1d6b:0104", "--card", "/c"},
+			func(c *readerConfig) string {
+				if c.usbredir.String() != "tcp:127.0.0.1:7000" || !c.usbredirListen || c.usbip != "[::1]:3241" || c.busid != "2-3.1" || c.vid != 0x1d6b || c.pid != 0x0104 {
+					return fmt.Sprintf("%+v", c)
+				}
+				return ""
+			}},
+		{"an empty --pcsc is the first reader",
+			[]string{"--usbip", "127.0.0.1:3240", "--pcsc", "", "--allow-last-pin-try", "--exclusive"},
+			func(c *readerConfig) string {
+				if len(c.sources) != 1 || c.sources[0].kind != srcPCSC || c.sources[0].arg != "" || !c.allowLastPIN || !c.exclusive {
+					return fmt.Sprintf("%+v", c)
+				}
+				return ""
+			}},
+		{"TLS listener",
+			[]string{"--usbip", "127.0.0.1:3240", "--vscard-listen", "tcp:127.0.0.1:2001", "--tls-cert", "c.pem", "--tls-key", "k.pem", "--tls-ca", "ca.pem"},
+			func(c *readerConfig) string {
+				if c.tlsCert != "c.pem" || c.tlsKey != "k.pem" || c.tlsCA != "ca.pem" {
+					return fmt.Sprintf("%+v", c)
+				}
+				return ""
+			}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg, err := parseReaderFlags(tt.args, io.Discard)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if msg := tt.want(cfg); msg != "" {
+				t.Error(msg)
+			}
+		})
+	}
+}
+
+// TestReaderUsageErrors: command-line mistakes exit 2 with a message that
+// says what to do.
+func TestReaderUsageErrors(t *testing.T) {
+	exp := []string{"--usbip", "127.0.0.1:3240"}
+	tests := []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--card", "/c"}, "no export"},
+		{exp, "no card source"},
+		{append(exp, "/c"), `unexpected argument "/c"`},
+		{append(exp, "--nss", "sql:/db"), "--nss sql:/db needs --certs"},
+		{append(exp, "--certs", "a", "--nss", "sql:/db"), "give it after the --nss"},
+		{append(exp, "--nss", "/a", "--certs", "x", "--certs", "y"), "give it after the --nss"},
+		{append(exp, "--card", ""), "empty card directory"},
+		{append(exp, "--card", "/c", "--exclusive"), "go with --pcsc"},
+		{append(exp, "--card", "/c", "--tls-cert", "c"), "secure --vscard-listen"},
+		{append(exp, "--vscard-listen", "unix:/v", "--tls-cert", "c"), "together"},
+		{append(exp, "--vscard-listen", "unix:/v", "--tls-ca", "ca"), "--tls-ca needs --tls-cert"},
+		{append(exp, "--vscard-listen", "nowhere"), "want tcp:HOST:PORT"},
+		{append(exp, "--vscard-listen", "tcp:127.0.0.1:0"), "not a number from 1 to 65535"},
+		{[]string{"--usbredir", "bogus", "--card", "/c"}, "--usbredir"},
+		{[]string{"--listen", "--usbip", "127.0.0.1:1", "--card", "/c"}, "--listen goes with --usbredir"},
+		{[]string{"--busid", "1-1", "--usbredir", "unix:/r", "--card", "/c"}, "--busid goes with --usbip"},
+		{append(exp, "--busid", "bad id", "--card", "/c"), "--busid"},
+		{append(exp, "--busid", strings.Repeat("1", 32), "--card", "/c"), "1 to 31"},
+		{append(exp, "--vid-pid", "08e6", "--card", "/c"), "--vid-pid"},
+		{append(exp, "--vid-pid", "108e6:4433", "--card", "/c"), "--vid-pid"},
+		{append(exp, "--log-level", "loud", "--card", "/c"), "--log-level"},
+		{append(exp, "--log-format", "xml", "--card", "/c"), "--log-format"},
+		{append(exp, "--card", "1", "--card", "2", "--card", "3", "--card", "4", "--card", "5", "--card", "6", "--card", "7", "--card", "8", "--card", "9"), "at most 8 slots"},
+		{append(exp, "--frobnicate"), "flag provided but not defined"},
+	}
+	for _, tt := range tests {
+		var out bytes.Buffer
+		code := run(context.Background(), &environ{stdin: strings.NewReader(""), stdout: &out, stderr: &out}, append([]string{"reader"}, tt.args...))
+		if code != exitUsage || !strings.Contains(out.String(), tt.want) {
+			t.Errorf("%q: exit %d, output %q; want exit 2 and %q", tt.args, code, out.String(), tt.want)
+		}
+	}
+	// A card that does not exist is not a usage error.
+	var out bytes.Buffer
+	code := run(context.Background(), &environ{stdin: strings.NewReader(""), stdout: &out, stderr: &out},
+		[]string{"reader", "--usbip", "127.0.0.1:3240", "--card", "/nonexistent/card", "--control", "/nonexistent/x.sock"})
+	if code != exitError || !strings.Contains(out.String(), "/nonexistent/card") {
+		t.Errorf("missing card: exit %d: %s", code, out.String())
+	}
+}
+
+// TestReaderHelp: --help exits 0 and documents every flag and command the
+// guest tests and users rely on.
+func TestReaderHelp(t *testing.T) {
+	var out bytes.Buffer
+	code := run(context.Background(), &environ{stdin: strings.NewReader(""), stdout: &out, stderr: &out}, []string{"reader", "--help"})
+	if code != exitOK {
+		t.Fatalf("exit %d", code)
+	}
+	for _, want := range []string{"-card", "-nss", "-certs", "-pcsc", "-vscard-listen", "-usbredir", "-listen", "-usbip", "-busid",
+		"-vid-pid", "-control", "-trace", "-log-level", "-log-format", "-tls-ca", "-tls-cert", "-tls-key", "-allow-last-pin-try",
+		"insert [SLOT]", "remove [SLOT]", "list", "status", "debug LEVEL", "quit", "270 bytes", "one importer at a time",
+		"08e6:4433", "1-1", "loopback"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("help lacks %q", want)
+		}
+	}
+	var top bytes.Buffer
+	run(context.Background(), &environ{stdout: &top, stderr: &top}, []string{"help"})
+	if !strings.Contains(top.String(), "reader") {
+		t.Errorf("top-level usage lacks reader:\n%s", top.String())
+	}
+	if _, err := parseReaderFlags([]string{"-h"}, io.Discard); !errors.Is(err, flag.ErrHelp) {
+		t.Errorf("-h: %v", err)
+	}
+}
+
+// ccidHost drives a usb.Device as a CCID host driver would, on its bulk
+// endpoints (CCID 1.1 §6; protocols.md §3.2).
+type ccidHost struct {
+	t       *testing.T
+	dev     usb.Device
+	out, in uint8
+	seq     uint8
+}
+
+func newCCIDHost(t *testing.T, dev usb.Device) *ccidHost {
+	t.Helper()
+	h := &ccidHost{t: t, dev: dev}
+	info := dev.Info()
+	for _, ep := range info.Endpoints {
+		if ep.Type == usb.Bulk && ep.In() {
+			h.in = ep.Address
+		} else if ep.Type == usb.Bulk {
+			h.out = ep.Address
+		}
+	}
+	if h.in == 0 || h.out == 0 {
+		t.Fatalf("no bulk endpoints in %+v", info)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := dev.Control(ctx, usb.Setup{Request: usb.ReqSetConfiguration, Value: uint16(info.ConfigurationValue)}, nil); err != nil {
+		t.Fatalf("SET_CONFIGURATION: %v", err)
+	}
+	return h
+}
+
+// command sends one PC_to_RDR message and returns the final RDR_to_PC
+// message (after any time extension): header fields and data.
+func (h *ccidHost) command(slot int, typ byte, data []byte, p [3]byte) (status, errCode byte, resp []byte) {
+	h.t.Helper()
+	h.seq++
+	frame := make([]byte, 10, 10+len(data))
+	frame[0] = typ
+	binary.LittleEndian.PutUint32(frame[1:], uint32(len(data)))
+	frame[5], frame[6] = byte(slot), h.seq
+	copy(frame[7:], p[:])
+	frame = append(frame, data...)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if err := h.dev.Out(ctx, h.out, frame); err != nil {
+		h.t.Fatalf("bulk OUT %02X: %v", typ, err)
+	}
+	for {
+		msg, err := h.dev.In(ctx, h.in, 65536+10)
+		if err != nil {
+			h.t.Fatalf("bulk IN after %02X: %v", typ, err)
+		}
+		if len(msg) < 10 {
+			h.t.Fatalf("short RDR_to_PC % X", msg)
+		}
+		n := binary.LittleEndian.Uint32(msg[1:])
+		if msg[5] != byte(slot) || msg[6] != h.seq || int(n) != len(msg)-10 {
+			h.t.Fatalf("RDR_to_PC % X for slot %d seq %d", msg[:10], slot, h.seq)
+		}
+		if msg[7]&0xC0 == 0x80 {
+			continue // time extension (CCID §6.2.7)
+		}
+		return msg[7], msg[8], msg[10:]
+	}
+}
+
+// powerOn is PC_to_RDR_IccPowerOn with automatic voltage; it returns the
+// ATR.
+func (h *ccidHost) powerOn(slot int) []byte {
+	h.t.Helper()
+	st, e, atr := h.command(slot, 0x62, nil, [3]byte{})
+	if st&0x40 != 0 {
+		h.t.Fatalf("IccPowerOn slot %d: bStatus %02X bError %02X", slot, st, e)
+	}
+	return atr
+}
+
+// xfr is PC_to_RDR_XfrBlock at short/extended APDU level.
+func (h *ccidHost) xfr(slot int, apdu []byte) []byte {
+	h.t.Helper()
+	st, e, resp := h.command(slot, 0x6F, apdu, [3]byte{})
+	if st&0x40 != 0 {
+		h.t.Fatalf("XfrBlock slot %d % X: bStatus %02X bError %02X", slot, apdu, st, e)
+	}
+	return resp
+}
+
+// slotStatus is PC_to_RDR_GetSlotStatus: bmICCStatus (0 active, 1
+// present, 2 absent).
+func (h *ccidHost) slotStatus(slot int) byte {
+	h.t.Helper()
+	st, _, _ := h.command(slot, 0x65, nil, [3]byte{})
+	return st & 0x03
+}
+
+// TestReaderSources builds the reader with one slot of each kind the test
+// machine can feed (--card, --nss, --vscard-listen with a vscard.Client
+// connecting in) and talks CCID to it: every slot powers on with its
+// card's ATR and answers SELECT ACA like a CAC card; control commands move
+// cards in and out.
+func TestReaderSources(t *testing.T) {
+	cardDir := testCard(t)
+	dir := t.TempDir()
+	vsock := filepath.Join(shortDir(t), "v.sock")
+	cfg := &readerConfig{vid: 0x08E6, pid: 0x4433, sources: []sourceSpec{
+		{kind: srcCard, arg: cardDir},
+		{kind: srcVSCard, arg: "unix:" + vsock, addr: target{Network: "unix", Addr: vsock}},
+	}}
+	// nsstest skips the whole test without certutil; only this slot
+	// depends on it.
+	if _, err := exec.LookPath("certutil"); err == nil {
+		db := nsstest.MakeDB(t, dir, connNSSPassword)
+		cfg.sources = append(cfg.sources, sourceSpec{kind: srcNSS, arg: "sql:" + db, certs: "id-cert,signing-cert,encryption-cert"})
+	} else {
+		t.Log("certutil missing (libnss3-tools): the --nss slot is not tested")
+	}
+	var logBuf syncBuffer
+	log := slog.New(slog.NewTextHandler(&logBuf, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	var trace syncBuffer
+	app, err := newReaderApp(context.Background(), cfg, log, &trace)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer app.close()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	runDone := make(chan error, 1)
+	go func() { runDone <- app.run(ctx) }()
+
+	// A vscard.Client plays vscard connect into the listening slot.
+	tok, err := store.Open(cardDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	clientCard, err := cac.New(tok, cac.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cl := vscard.NewClient(func(ctx context.Context) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "unix", vsock)
+	}, clientCard, &vscard.ClientOptions{ReaderName: "laptop"})
+	clDone := make(chan error, 1)
+	go func() { clDone <- cl.Run(ctx) }()
+	waitFor(t, func() bool { return app.slots[1].isInserted() })
+
+	h := newCCIDHost(t, app.rd)
+	for _, s := range app.slots {
+		t.Run(fmt.Sprintf("slot %d %s", s.idx, s.spec.kind), func(t *testing.T) {
+			h.t = t
+			if got := h.slotStatus(s.idx); got == 2 {
+				t.Fatalf("slot %d: no card present", s.idx)
+			}
+			atr := h.powerOn(s.idx)
+			if len(atr) < 2 || atr[0] != 0x3B {
+				t.Errorf("ATR % X", atr)
+			}
+			if got := h.xfr(s.idx, fakehost.SelectACA); !bytes.Equal(got, []byte{0x61, 0x0D}) {
+				t.Errorf("SELECT ACA: % X, want 61 0D", got)
+			}
+		})
+	}
+	h.t = t
+	if n := cl.Status().APDUs; n != 1 {
+		t.Errorf("the VSCard client answered %d APDUs, want 1", n)
+	}
+
+	// Control: remove and insert one slot, then all.
+	for _, tc := range []struct {
+		cmd, want string
+		present   []bool // per slot after the command (first two slots)
+	}{
+		{"remove 0", "slot 0: card removed", []bool{false, true}},
+		{"remove 0", "error: slot 0: error: no card inserted", []bool{false, true}},
+		{"insert 0", "slot 0: card inserted", []bool{true, true}},
+		{"remove 1", "slot 1: card removed", []bool{true, false}},
+		{"insert 1", "slot 1: card inserted", []bool{true, true}},
+		{"insert 9", "error: no slot", []bool{true, true}},
+		{"insert 0 1", "error: insert takes at most 1 argument", []bool{true, true}},
+	} {
+		if a := app.handle(ctx, tc.cmd); !strings.HasPrefix(a, tc.want) {
+			t.Errorf("%s: %q, want %q", tc.cmd, a, tc.want)
+		}
+		for i, want := range tc.present {
+			if got := h.slotStatus(i) != 2; got != want {
+				t.Errorf("after %s: slot %d present %v, want %v", tc.cmd, i, got, want)
+			}
+		}
+	}
+	if a := app.handle(ctx, "list"); !strings.Contains(a, "slot 1: card inserted: VSCard client on unix:") || !strings.Contains(a, "connected since") {
+		t.Errorf("list:\n%s", a)
+	}
+	if a := app.handle(ctx, "status"); !strings.Contains(a, "reader: 08e6:4433") || !strings.Contains(a, "apdus: ") {
+		t.Errorf("status:\n%s", a)
+	}
+
+	// The client removing its card (vscard connect's "remove") empties the
+	// slot; its leaving keeps it empty and the log says what the slot
+	// waits for.
+	if err := cl.Remove(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool { return !app.slots[1].isInserted() })
+	if err := cl.Insert(nil); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool { return app.slots[1].isInserted() })
+	cancel()
+	<-clDone
+	select {
+	case err := <-runDone:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("run did not return")
+	}
+	if !strings.Contains(logBuf.String(), "waiting for one") {
+		t.Errorf("log does not say what the VSCard slot waits for:\n%s", logBuf.String())
+	}
+	if !strings.Contains(trace.String(), `"event":"apdu"`) {
+		t.Errorf("trace has no APDU:\n%s", trace.String())
+	}
+}
+
+// shortDir is a temporary directory short enough for a socket path.
+func shortDir(t *testing.T) string {
+	t.Helper()
+	d, err := os.MkdirTemp("", "vr")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(d) })
+	return d
+}
+
+// TestReaderVSCardTooLong: a command APDU over vscclient's 270 bytes gets
+// 67 00 from the slot and never reaches the client.
+func TestReaderVSCardTooLong(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	srv := make(chan net.Conn, 1)
+	go func() {
+		c, _ := ln.Accept()
+		srv <- c
+	}()
+	cc, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cc.Close()
+	hconn := <-srv
+	h := vscard.NewHost(hconn, nil)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go h.Serve(ctx)
+	go func() {
+		for range h.Events() {
+		}
+	}()
+	c := &hostCard{h: h, atr: []byte{0x3B, 0}, log: slog.New(slog.DiscardHandler)}
+	resp, err := c.Transmit(ctx, make([]byte, 271))
+	if err != nil || !bytes.Equal(resp, []byte{0x67, 0x00}) {
+		t.Fatalf("271-byte command: % X, %v", resp, err)
+	}
+	cc.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+	var b [1]byte
+	if n, _ := cc.Read(b[:]); n != 0 {
+		t.Fatal("the oversized command reached the client")
+	}
+	// Without a card the guest's command fails (a reader error), not a
+	// crash.
+	if _, err := c.Transmit(ctx, []byte{0, 0xA4, 4, 0}); !errors.Is(err, vscard.ErrNoCardPresent) {
+		t.Fatalf("no card: %v", err)
+	}
+}
+
+// TestReaderCommandLine runs the command itself: it starts, listens for
+// QEMU on a usbredir socket, answers the control socket, says what it
+// waits for, and exits 0 on SIGTERM (ctx cancelled).
+func TestReaderCommandLine(t *testing.T) {
+	cardDir := testCard(t)
+	d := shortDir(t)
+	redir := filepath.Join(d, "redir.sock")
+	sock := filepath.Join(d, "ctl", "c.sock")
+	trace := filepath.Join(d, "trace.jsonl")
+	var stdout, stderr syncBuffer
+	stdinR, stdinW := io.Pipe()
+	defer stdinW.Close()
+	env := &environ{stdin: stdinR, stdout: &stdout, stderr: &stderr}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan error, 1)
+	go func() {
+		done <- runReader(ctx, env, []string{"--usbredir", "unix:" + redir, "--listen", "--card", cardDir,
+			"--control", sock, "--trace", trace})
+	}()
+	waitFor(t, func() bool { _, err := os.Stat(sock); return err == nil })
+	a, err := ctl.Send(ctx, sock, "status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"usbredir unix:" + redir + ": QEMU not connected yet", "slot 0: card inserted", "attached: no"} {
+		if !strings.Contains(a, want) {
+			t.Errorf("status lacks %q:\n%s", want, a)
+		}
+	}
+	io.WriteString(stdinW, "remove\n")
+	waitFor(t, func() bool { return strings.Contains(stdout.String(), "slot 0: card removed") })
+	if !strings.Contains(stderr.String(), "QEMU not connected yet") {
+		t.Errorf("log does not say it waits for QEMU:\n%s", stderr.String())
+	}
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("runReader: %v\n%s", err, stderr.String())
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("runReader did not return")
+	}
+	if _, err := os.Stat(sock); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("control socket left behind: %v", err)
+	}
+}
