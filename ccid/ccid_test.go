@@ -546,7 +546,7 @@ func TestTimeExtension(t *testing.T) {
 	c := newFake(atrT0)
 	h.r.Insert(0, c)
 	h.powerOn(0)
-	c.delay = 200 * time.Millisecond
+	c.delay = 300 * time.Millisecond
 	h.seq++
 	h.r.Out(context.Background(), epBulkOut, frame(cmdXfrBlock, 0, h.seq, 0, 0, 0, []byte{0, 0x47, 0, 0x9A, 0}))
 	ext := 0
@@ -568,7 +568,7 @@ func TestTimeExtension(t *testing.T) {
 		break
 	}
 	if ext < 2 {
-		t.Errorf("%d time extensions in 200 ms at 20+30 ms, want several", ext)
+		t.Errorf("%d time extensions in 300 ms at 20+30 ms, want several", ext)
 	}
 	time.Sleep(60 * time.Millisecond)
 	h.noRead()
@@ -589,12 +589,13 @@ func TestBusyAndAbort(t *testing.T) {
 	if r := parseRsp(t, h.read()); r.seq != 21 || r.status != 0x40 || r.err != errSlotBusy {
 		t.Fatalf("command during XfrBlock: %+v, want slot busy", r)
 	}
-	h.r.Control(ctx, usb.Setup{RequestType: 0x21, Request: reqAbort, Value: 20 << 8}, nil)
-	h.r.Out(ctx, epBulkOut, frame(cmdAbort, 0, 20, 0, 0, 0, nil))
+	// The ABORT request and the bulk Abort carry the Abort's own bSeq.
+	h.r.Control(ctx, usb.Setup{RequestType: 0x21, Request: reqAbort, Value: 22 << 8}, nil)
+	h.r.Out(ctx, epBulkOut, frame(cmdAbort, 0, 22, 0, 0, 0, nil))
 	if r := parseRsp(t, h.read()); r.seq != 20 || r.typ != rspDataBlock || r.err != errAborted || r.status != 0x40 {
 		t.Errorf("aborted XfrBlock answered %+v", r)
 	}
-	if r := parseRsp(t, h.read()); r.seq != 20 || r.typ != rspSlotStatus || r.status != 0 {
+	if r := parseRsp(t, h.read()); r.seq != 22 || r.typ != rspSlotStatus || r.status != 0 {
 		t.Errorf("Abort answered %+v", r)
 	}
 	c.delay = 0

@@ -389,7 +389,9 @@ func (r *Reader) run(ctx context.Context, cancel context.CancelFunc, s *slot, f 
 		s.abortSeq, s.abortCmd = -1, nil
 		return
 	}
-	aborted := s.abortSeq == int(f[6])
+	// An ABORT for the slot (control request or bulk Abort) arrived
+	// while the command ran; CCID 1.1 §5.3.1 has it end CMD_ABORTED.
+	aborted := s.abortSeq >= 0
 	reply := func(status, bErr, b9 byte, d []byte) {
 		r.queueLocked(message(responseType(typ), f[5], f[6], status, bErr, b9, d))
 	}

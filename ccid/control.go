@@ -167,8 +167,9 @@ func (r *Reader) class(s usb.Setup) ([]byte, error) {
 	}
 	switch {
 	case s.RequestType == 0x21 && s.Request == reqAbort:
-		// wValue: bSlot in the low byte, bSeq in the high byte. The
-		// bulk Abort command with the same bSeq follows (§5.3.1).
+		// wValue: bSlot in the low byte and in the high byte the bSeq
+		// of the bulk Abort that follows (§5.3.1). Whatever runs on the
+		// slot is cancelled and answers CMD_ABORTED.
 		slot, seq := int(s.Value&0xFF), byte(s.Value>>8)
 		if slot >= len(r.slots) {
 			return nil, usb.ErrStall
