@@ -240,17 +240,17 @@ func (c codec) readPacket(r *bufio.Reader) (packet, error) {
 			keep = thl
 			p.hdr = make([]byte, thl)
 			if _, err := io.ReadFull(r, p.hdr); err != nil {
-				return packet{}, err
+				return packet{}, midPacket(err)
 			}
 		}
 		if _, err := r.Discard(int(length) - keep); err != nil {
-			return packet{}, err
+			return packet{}, midPacket(err)
 		}
 		return p, &malformedError{p: p, reason: bad}
 	}
 	buf := make([]byte, length)
 	if _, err := io.ReadFull(r, buf); err != nil {
-		return packet{}, err
+		return packet{}, midPacket(err)
 	}
 	p.hdr, p.data = buf[:thl:thl], buf[thl:]
 	if len(p.data) == 0 {
@@ -260,6 +260,15 @@ func (c codec) readPacket(r *bufio.Reader) (packet, error) {
 		return p, err
 	}
 	return p, nil
+}
+
+// midPacket reports an EOF after a packet's header as what it is: the
+// peer went away in the middle of a packet, not between packets.
+func midPacket(err error) error {
+	if err == io.EOF {
+		return io.ErrUnexpectedEOF
+	}
+	return err
 }
 
 // checkData applies the data-direction rule (protocols.md §6.3): data

@@ -83,15 +83,16 @@ func Serve(ctx context.Context, conn net.Conn, dev usb.Device, opts *Options) er
 	// LowLatency only passes calls through for non-TCP connections.
 	c := netutil.LowLatency(conn)
 	s := &session{
-		conn:    c,
-		br:      bufio.NewReaderSize(c, 64<<10),
-		dev:     dev,
-		info:    dev.Info(),
-		log:     log,
-		pending: make(map[uint64]*request),
-		workers: make(map[uint8]*worker),
-		intr:    make(map[uint8]context.CancelFunc),
-		ackCh:   make(chan struct{}),
+		conn:     c,
+		br:       bufio.NewReaderSize(c, 64<<10),
+		dev:      dev,
+		info:     dev.Info(),
+		log:      log,
+		pending:  make(map[uint64]*request),
+		workers:  make(map[uint8]*worker),
+		intr:     make(map[uint8]context.CancelFunc),
+		intrDone: make(map[uint8]chan struct{}),
+		ackCh:    make(chan struct{}),
 	}
 	return s.run(ctx)
 }
@@ -116,11 +117,13 @@ type session struct {
 	unplugged  bool       // device_disconnect sent: nothing may follow (under wmu)
 	nextIntrID uint64     // id of the next unsolicited interrupt_packet (under wmu)
 	wbuf       []byte     // (under wmu)
+	werr       error      // first write error (under wmu)
 
 	mu          sync.Mutex
-	pending     map[uint64]*request // requests queued or in progress, by id
-	workers     map[uint8]*worker   // by endpoint address; 0 for control
-	intr        map[uint8]context.CancelFunc
+	pending     map[uint64]*request          // requests queued or in progress, by id
+	workers     map[uint8]*worker            // by endpoint address; 0 for control
+	intr        map[uint8]context.CancelFunc // running interrupt pollers
+	intrDone    map[uint8]chan struct{}      // closed when the last poller started on ep exits
 	queuedBytes int
 	config      uint8 // last configuration set successfully
 
@@ -223,7 +226,9 @@ func (s *session) send(typ uint32, id uint64, hdr, data []byte) error {
 var errUnplugged = errors.New("usbredir: device disconnected")
 
 func (s *session) sendLocked(typ uint32, id uint64, hdr, data []byte) error {
-	if s.unplugged {
+	if s.unplugged || s.wctx.Err() != nil && typ != typeDeviceDisconnect {
+		// Once the session ends, answers to requests it cut short would
+		// only confuse the peer: the unplug is the last word.
 		return errUnplugged
 	}
 	s.wbuf = s.codec.appendPacket(s.wbuf[:0], typ, id, hdr, data)
@@ -231,9 +236,10 @@ func (s *session) sendLocked(typ uint32, id uint64, hdr, data []byte) error {
 	if cap(s.wbuf) > 64<<10 {
 		s.wbuf = nil // do not keep a large buffer after a big transfer
 	}
-	if err != nil {
+	if err != nil && s.werr == nil {
 		// A failed write leaves the stream in an unknown state; closing
 		// ends the reader, and with it the session.
+		s.werr = err
 		s.conn.Close()
 	}
 	return err
@@ -253,13 +259,21 @@ func (s *session) readLoop() error {
 				}
 				continue
 			}
-			if errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) || s.wctx.Err() != nil {
-				if !helloSeen && errors.Is(err, io.ErrUnexpectedEOF) {
-					return fmt.Errorf("usbredir: read: %w", err)
+			switch {
+			case s.wctx.Err() != nil:
+				return nil // we are shutting down and closed conn
+			case errors.Is(err, net.ErrClosed):
+				// Closed by a failed write (sendLocked).
+				s.wmu.Lock()
+				werr := s.werr
+				s.wmu.Unlock()
+				if werr != nil {
+					return fmt.Errorf("usbredir: write: %w", werr)
 				}
 				return nil
-			}
-			if errors.Is(err, io.ErrUnexpectedEOF) {
+			case err == io.EOF:
+				return nil // the peer closed between packets
+			case errors.Is(err, io.ErrUnexpectedEOF):
 				return fmt.Errorf("usbredir: peer closed mid-packet: %w", err)
 			}
 			return fmt.Errorf("usbredir: read: %w", err)
@@ -832,23 +846,36 @@ func (s *session) startInterrupt(p packet) {
 	}
 	s.mu.Lock()
 	_, running := s.intr[ep]
-	var ctx context.Context
+	var (
+		ctx        context.Context
+		prev, done chan struct{}
+	)
 	if !running {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithCancel(s.wctx)
 		s.intr[ep] = cancel
+		prev, done = s.intrDone[ep], make(chan struct{})
+		s.intrDone[ep] = done
 	}
 	s.mu.Unlock()
 	// The status goes out before any interrupt_packet of this run.
 	s.send(typeInterruptReceivingStatus, p.id, []byte{statusSuccess, ep}, nil)
 	if !running {
 		s.wg.Add(1)
-		go s.pollInterrupt(ctx, e)
+		go func() {
+			defer s.wg.Done()
+			defer close(done)
+			// One In caller per endpoint at a time (usb package doc): a
+			// stop quickly followed by a start waits for the old poller.
+			if prev != nil {
+				<-prev
+			}
+			s.pollInterrupt(ctx, e)
+		}()
 	}
 }
 
 func (s *session) pollInterrupt(ctx context.Context, e usb.Endpoint) {
-	defer s.wg.Done()
 	max := int(e.MaxPacketSize)
 	if max == 0 {
 		max = 64

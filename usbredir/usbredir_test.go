@@ -80,9 +80,12 @@ func (d *fakeDev) Control(ctx context.Context, s usb.Setup, data []byte) ([]byte
 }
 
 func (d *fakeDev) Out(ctx context.Context, ep uint8, data []byte) error {
-	if d.blockOut != nil {
+	d.mu.Lock()
+	block := d.blockOut
+	d.mu.Unlock()
+	if block != nil {
 		select {
-		case <-d.blockOut:
+		case <-block:
 		case <-ctx.Done():
 			return ctx.Err()
 		}
@@ -623,7 +626,9 @@ func TestCancel(t *testing.T) {
 	p.expectNothing(50 * time.Millisecond)
 
 	// A bulk OUT stuck in the device is cancelled too.
+	s.dev.mu.Lock()
 	s.dev.blockOut = make(chan struct{})
+	s.dev.mu.Unlock()
 	p.send(typeBulkPacket, 9, bulkHdr(c, 0x03, 2), []byte{1, 2})
 	p.send(typeCancelDataPacket, 9, nil, nil)
 	if r := p.expect(typeBulkPacket, 9, hl); r.body[1] != statusCancelled {
@@ -888,5 +893,47 @@ func TestConcurrentWritesWholePackets(t *testing.T) {
 	}
 	if counts[typeInterruptPacket] != n || counts[typeControlPacket] != n || counts[typeBulkPacket] != 2*n {
 		t.Errorf("packet counts %v", counts)
+	}
+}
+
+// A peer that queues more than maxQueued transfers on one endpoint gets
+// I/O errors for the excess at once; the queued ones are still served.
+func TestQueueBound(t *testing.T) {
+	s := start(t, qemuCaps)
+	p := s.peer
+	p.announce()
+	c := p.codec
+	hl := c.bulkHeaderLen()
+	release := make(chan struct{})
+	s.dev.mu.Lock()
+	s.dev.blockOut = release
+	s.dev.mu.Unlock()
+	const n = maxQueued + 8
+	for i := range n {
+		p.send(typeBulkPacket, uint64(i+1), bulkHdr(c, 0x03, 1), []byte{byte(i)})
+	}
+	// Excess: the last 7 (one transfer may already be in the device) or 8.
+	rejected := 0
+	for {
+		_ = p.c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+		r, err := p.tryRecv()
+		if err != nil {
+			break
+		}
+		if r.body[1] != statusIOError || r.id <= maxQueued {
+			t.Fatalf("early reply id %d status %d", r.id, r.body[1])
+		}
+		rejected++
+	}
+	_ = p.c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if rejected != 7 && rejected != 8 {
+		t.Fatalf("%d rejected, want 7 or 8", rejected)
+	}
+	close(release)
+	for i := range n - rejected {
+		r := p.expect(typeBulkPacket, uint64(i+1), hl)
+		if r.body[1] != statusSuccess {
+			t.Errorf("queued id %d status %d", r.id, r.body[1])
+		}
 	}
 }
