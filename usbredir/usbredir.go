@@ -742,7 +742,7 @@ func (s *session) transfer(r *request) {
 	// are far below maxData; a larger request is served up to maxData,
 	// which the guest sees as a short transfer.
 	n = min(n, maxData)
-	data, err := s.dev.In(r.ctx, ep, n)
+	data, err := s.inNonEmpty(r.ctx, ep, n)
 	if err != nil {
 		st := statusOf(r.ctx, err)
 		if st != statusCancelled {
@@ -759,7 +759,30 @@ func (s *session) transfer(r *request) {
 	s.reply(p, statusSuccess, len(data), data)
 }
 
-// announceConfig resends interface_info and ep_info, which QEMU wants
+// inNonEmpty calls dev.In until it returns data. A usb.Device returns a
+// whole transfer; an empty one would reach the guest as a zero-length
+// message of its own, the desync peers.md's appendix (QEMU 7.2's 54-byte
+// trap) describes, so the transport never forwards one.
+func (s *session) inNonEmpty(ctx context.Context, ep uint8, n int) ([]byte, error) {
+	backoff := time.Millisecond
+	for {
+		data, err := s.dev.In(ctx, ep, n)
+		if err != nil || len(data) > 0 || n == 0 {
+			return data, err
+		}
+		s.log.Debug("usbredir: device returned an empty IN transfer; not forwarded", "ep", ep)
+		t := time.NewTimer(backoff)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil, ctx.Err()
+		case <-t.C:
+		}
+		backoff = min(2*backoff, 50*time.Millisecond)
+	}
+}
+
+// announceConfigLocked resends interface_info and ep_info, which QEMU wants
 // before configuration_status or alt_setting_status (protocols.md §6.4).
 func (s *session) announceConfigLocked() error {
 	if err := s.sendLocked(typeInterfaceInfo, 0, s.interfaceInfo(), nil); err != nil {
@@ -882,7 +905,7 @@ func (s *session) pollInterrupt(ctx context.Context, e usb.Endpoint) {
 	}
 	backoff := time.Millisecond
 	for {
-		data, err := s.dev.In(ctx, e.Address, max)
+		data, err := s.inNonEmpty(ctx, e.Address, max)
 		if ctx.Err() != nil && err != nil {
 			return
 		}

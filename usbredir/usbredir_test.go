@@ -5,9 +5,13 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"encoding/hex"
 	"errors"
+	"flag"
 	"io"
 	"net"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -935,5 +939,59 @@ func TestQueueBound(t *testing.T) {
 		if r.body[1] != statusSuccess {
 			t.Errorf("queued id %d status %d", r.id, r.body[1])
 		}
+	}
+}
+
+// An empty IN transfer from the device never reaches the guest as a
+// message of its own (peers.md appendix, QEMU 7.2's 54-byte trap).
+func TestEmptyInNotForwarded(t *testing.T) {
+	s := start(t, qemuCaps)
+	p := s.peer
+	p.announce()
+	hl := p.codec.bulkHeaderLen()
+	s.dev.bulkIn <- []byte{}
+	s.dev.bulkIn <- []byte("data")
+	p.send(typeBulkPacket, 1, bulkHdr(p.codec, 0x82, 64), nil)
+	if r := p.expect(typeBulkPacket, 1, hl+4); string(r.body[hl:]) != "data" {
+		t.Errorf("got %q", r.body[hl:])
+	}
+}
+
+var update = flag.Bool("update", false, "rewrite testdata golden files")
+
+// TestAnnounceGolden pins the exact bytes of the announcement QEMU 7.2
+// gets for a CCID-shaped device (protocols.md §6.4 step 2), in hex, one
+// packet a line; regenerate with -update and check the diff by hand
+// against protocols.md §6.3.
+func TestAnnounceGolden(t *testing.T) {
+	for _, tc := range []struct {
+		file string
+		caps caps
+	}{
+		{"announce-qemu72.hex", qemuCaps | capBulkStreams},
+		{"announce-nocaps.hex", 0},
+	} {
+		t.Run(tc.file, func(t *testing.T) {
+			s := start(t, tc.caps)
+			var got strings.Builder
+			for range 3 {
+				r := s.peer.recv()
+				got.WriteString(hex.EncodeToString(s.peer.codec.appendPacket(nil, r.typ, r.id, r.body, nil)))
+				got.WriteString("\n")
+			}
+			path := filepath.Join("testdata", tc.file)
+			if *update {
+				if err := os.WriteFile(path, []byte(got.String()), 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			want, err := os.ReadFile(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got.String() != string(want) {
+				t.Errorf("announcement differs from %s:\ngot\n%swant\n%s", path, got.String(), want)
+			}
+		})
 	}
 }
