@@ -40,8 +40,9 @@ type readerApp struct {
 	traceEnc *json.Encoder
 
 	mu    sync.Mutex // guards the export states below
-	exps  []*exportState
-	apdus int
+	exps      []*exportState
+	apdus     int
+	usbipAddr net.Addr // where --usbip listens, once it does
 }
 
 // exportState is what status shows about one export.

@@ -11,6 +11,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/vscard/vscard/internal/netutil"
 	"github.com/vscard/vscard/usbip"
 	"github.com/vscard/vscard/usbredir"
 )
@@ -62,7 +63,9 @@ func (a *readerApp) usbredirDial(ctx context.Context, t target, e *exportState) 
 	backoff := usbredirMinBackoff
 	loggedWait, loggedDown := false, false
 	for ctx.Err() == nil {
-		if ok, who := a.att.acquire("usbredir"); !ok {
+		// Look before dialling, and claim only once QEMU answers: a dialer
+		// that merely tries must not turn a USB/IP attach away.
+		if who := a.att.holder(); who != "" && who != "usbredir" {
 			if !loggedWait {
 				a.setExport(e, "waiting: the reader is attached over "+who, "")
 				a.log.Info("usbredir waits: the reader is attached over "+who+"; it connects to QEMU when that ends", "target", t.String())
@@ -76,7 +79,6 @@ func (a *readerApp) usbredirDial(ctx context.Context, t target, e *exportState) 
 		loggedWait = false
 		nc, err := dial(ctx)
 		if err != nil {
-			a.att.release("usbredir")
 			if ctx.Err() != nil {
 				break
 			}
@@ -92,6 +94,11 @@ func (a *readerApp) usbredirDial(ctx context.Context, t target, e *exportState) 
 				break
 			}
 			backoff = min(2*backoff, usbredirMaxBackoff)
+			continue
+		}
+		if ok, _ := a.att.acquire("usbredir"); !ok {
+			// A USB/IP client attached while we dialled.
+			nc.Close()
 			continue
 		}
 		loggedDown = false
@@ -169,7 +176,10 @@ func (a *readerApp) usbipExport(addr, busid string) (func(ctx context.Context) e
 	if err != nil {
 		return nil, fmt.Errorf("--usbip: listen on %s: %w", addr, err)
 	}
-	e := a.export("usbip", addr+" busid "+busid)
+	e := a.export("usbip", ln.Addr().String()+" busid "+busid)
+	a.mu.Lock()
+	a.usbipAddr = ln.Addr()
+	a.mu.Unlock()
 	return func(ctx context.Context) error {
 		host, port, _ := net.SplitHostPort(ln.Addr().String())
 		a.setExport(e, "no USB/IP client attached yet", "")
@@ -209,7 +219,10 @@ func (g *importGate) Accept() (net.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &gatedConn{Conn: nc, g: g}, nil
+	// LowLatency here, on the *net.TCPConn: the server's own LowLatency
+	// cannot see through the wrapper, and without quick ACKs each URB can
+	// wait for a delayed ACK.
+	return &gatedConn{Conn: netutil.LowLatency(nc), g: g}, nil
 }
 
 type gatedConn struct {

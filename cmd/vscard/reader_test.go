@@ -505,3 +505,162 @@ func TestReaderCommandLine(t *testing.T) {
 		t.Errorf("control socket left behind: %v", err)
 	}
 }
+
+// usbipImport sends OP_REQ_IMPORT for busid on a new connection to addr
+// and returns the connection and the reply's status (-1: the connection
+// was closed without a reply).
+func usbipImport(t *testing.T, addr, busid string) (net.Conn, int) {
+	t.Helper()
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	req := []byte{0x01, 0x11, 0x80, 0x03, 0, 0, 0, 0}
+	var b [32]byte
+	copy(b[:], busid)
+	c.Write(append(req, b[:]...))
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	var hdr [8]byte
+	if _, err := io.ReadFull(c, hdr[:]); err != nil {
+		return c, -1
+	}
+	if binary.BigEndian.Uint16(hdr[2:]) != 0x0003 {
+		t.Fatalf("import reply % X", hdr)
+	}
+	st := int(binary.BigEndian.Uint32(hdr[4:]))
+	if st == 0 {
+		rec := make([]byte, 312)
+		if _, err := io.ReadFull(c, rec); err != nil {
+			t.Fatalf("import record: %v", err)
+		}
+	}
+	c.SetReadDeadline(time.Time{})
+	return c, st
+}
+
+// TestReaderOneImporter: a USB/IP import claims the reader until the
+// client goes; while usbredir has it, an import is turned away, and the
+// usbredir dialer waits while a USB/IP client has it.
+func TestReaderOneImporter(t *testing.T) {
+	d := shortDir(t)
+	cfg := &readerConfig{vid: 0x08E6, pid: 0x4433, usbip: "127.0.0.1:0", busid: "1-1",
+		usbredir: &target{Network: "unix", Addr: filepath.Join(d, "no-qemu.sock")},
+		sources:  []sourceSpec{{kind: srcCard, arg: testCard(t)}}}
+	var logBuf syncBuffer
+	log := slog.New(slog.NewTextHandler(&logBuf, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	app, err := newReaderApp(context.Background(), cfg, log, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	runDone := make(chan error, 1)
+	go func() { runDone <- app.run(ctx) }()
+	var addr string
+	waitFor(t, func() bool {
+		app.mu.Lock()
+		defer app.mu.Unlock()
+		if app.usbipAddr != nil {
+			addr = app.usbipAddr.String()
+		}
+		return addr != ""
+	})
+	// QEMU is not there: usbredir says so and keeps trying.
+	waitFor(t, func() bool { return strings.Contains(app.handle(ctx, "status"), "QEMU not connected yet") })
+
+	// A device list does not claim the reader.
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Write([]byte{0x01, 0x11, 0x80, 0x05, 0, 0, 0, 0})
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadFull(c, make([]byte, 12)); err != nil {
+		t.Fatalf("device list: %v", err)
+	}
+	c.Close()
+	if who := app.att.holder(); who == "usbip" {
+		t.Fatal("a device list claimed the reader")
+	}
+
+	imp, st := usbipImport(t, addr, "1-1")
+	if st != 0 {
+		t.Fatalf("import status %d", st)
+	}
+	waitFor(t, func() bool { return app.att.holder() == "usbip" })
+	waitFor(t, func() bool { return strings.Contains(app.handle(ctx, "status"), "waiting: the reader is attached over usbip") })
+	imp.Close()
+	waitFor(t, func() bool { return app.att.holder() != "usbip" })
+
+	// usbredir holds it (QEMU attached): an import is refused.
+	if ok, who := app.att.acquire("usbredir"); !ok {
+		t.Fatalf("the reader is still held by %s", who)
+	}
+	if _, st := usbipImport(t, addr, "1-1"); st != -1 {
+		t.Fatalf("import while usbredir has the reader: status %d, want the connection closed", st)
+	}
+	if !strings.Contains(logBuf.String(), "usbip attach refused: the reader is attached over usbredir") {
+		t.Errorf("log does not say why the import was refused:\n%s", logBuf.String())
+	}
+	app.att.release("usbredir")
+	cancel()
+	select {
+	case err := <-runDone:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("run did not return")
+	}
+}
+
+// TestReaderUSBRedirReconnect: the usbredir dialer connects to "QEMU"
+// (a socket the test listens on), says hello, and when QEMU goes away
+// (restarts) connects again.
+func TestReaderUSBRedirReconnect(t *testing.T) {
+	d := shortDir(t)
+	path := filepath.Join(d, "qemu.sock")
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	cfg := &readerConfig{vid: 0x08E6, pid: 0x4433, usbredir: &target{Network: "unix", Addr: path},
+		sources: []sourceSpec{{kind: srcCard, arg: testCard(t)}}}
+	app, err := newReaderApp(context.Background(), cfg, slog.New(slog.DiscardHandler), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	runDone := make(chan error, 1)
+	go func() { runDone <- app.run(ctx) }()
+	for i := range 2 {
+		ln.(*net.UnixListener).SetDeadline(time.Now().Add(10 * time.Second))
+		c, err := ln.Accept()
+		if err != nil {
+			t.Fatalf("connection %d: %v", i+1, err)
+		}
+		// usbredir's hello comes first (protocols.md §6): type 0.
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		var hdr [4]byte
+		if _, err := io.ReadFull(c, hdr[:]); err != nil || binary.LittleEndian.Uint32(hdr[:]) != 0 {
+			t.Errorf("connection %d: first bytes % X, %v; want a hello", i+1, hdr, err)
+		}
+		waitFor(t, func() bool { return app.att.holder() == "usbredir" })
+		c.Close()
+	}
+	cancel()
+	select {
+	case err := <-runDone:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("run did not return")
+	}
+	if who := app.att.holder(); who != "" {
+		t.Errorf("the reader is still held by %s after shutdown", who)
+	}
+}
