@@ -39,7 +39,7 @@ type readerApp struct {
 	traceMu  sync.Mutex
 	traceEnc *json.Encoder
 
-	mu    sync.Mutex // guards the export states below
+	mu        sync.Mutex // guards the export states below
 	exps      []*exportState
 	apdus     int
 	usbipAddr net.Addr // where --usbip listens, once it does

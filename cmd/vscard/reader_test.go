@@ -589,7 +589,9 @@ func TestReaderOneImporter(t *testing.T) {
 		t.Fatalf("import status %d", st)
 	}
 	waitFor(t, func() bool { return app.att.holder() == "usbip" })
-	waitFor(t, func() bool { return strings.Contains(app.handle(ctx, "status"), "waiting: the reader is attached over usbip") })
+	waitFor(t, func() bool {
+		return strings.Contains(app.handle(ctx, "status"), "waiting: the reader is attached over usbip")
+	})
 	imp.Close()
 	waitFor(t, func() bool { return app.att.holder() != "usbip" })
 
