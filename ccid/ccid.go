@@ -283,7 +283,10 @@ func (r *Reader) Reset() {
 	clear(r.halted)
 	r.outBuf, r.queue, r.intr = nil, nil, nil
 	r.notify = true
-	var off []card.Card
+	var (
+		off   []*slot
+		cards []card.Card
+	)
 	for _, s := range r.slots {
 		s.ext = nil
 		s.abortSeq = -1
@@ -299,17 +302,27 @@ func (r *Reader) Reset() {
 		if s.card != nil {
 			s.params = paramsFromATR(s.card.ATR())
 			if s.powered {
-				off = append(off, s.card)
-				s.powered = false
+				// Held busy while it powers down, so no command
+				// reaches the card meanwhile (card.Card calls are
+				// serialised).
+				off, cards = append(off, s), append(cards, s.card)
+				s.powered, s.busy = false, true
 			}
 		}
 	}
 	r.broadcast()
 	r.mu.Unlock()
 	// Powering off outside the lock: a card over pcscd may take a while.
-	// A command that starts meanwhile sees the slot unpowered.
-	for _, c := range off {
+	for _, c := range cards {
 		c.PowerOff()
+	}
+	if len(off) > 0 {
+		r.mu.Lock()
+		for _, s := range off {
+			s.busy = false
+		}
+		r.broadcast()
+		r.mu.Unlock()
 	}
 	r.log.Debug("ccid: reset")
 }

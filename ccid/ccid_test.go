@@ -762,3 +762,79 @@ func TestBadEndpoints(t *testing.T) {
 		t.Errorf("Out after CLEAR_FEATURE: %v", err)
 	}
 }
+
+// TestConcurrentStress: a host sending commands on two slots while other
+// goroutines insert, remove and reset. No deadlock, no data race (run
+// with -race), every card called by one goroutine at a time.
+func TestConcurrentStress(t *testing.T) {
+	r := New(&Options{Slots: 2})
+	r.timeExt = time.Millisecond
+	r.timeExtEvery = time.Millisecond
+	cards := []*fakeCard{newFake(atrT0), newFake(atrT1)}
+	for _, c := range cards {
+		c.delay = 100 * time.Microsecond
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	var wg sync.WaitGroup
+	// Reader of bulk IN and interrupt IN.
+	for _, ep := range []uint8{epBulkIn, epIntrIn} {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for ctx.Err() == nil {
+				b, err := r.In(ctx, ep, 64)
+				if err == nil && len(b) == 0 {
+					t.Errorf("empty read from %02X", ep)
+					return
+				}
+			}
+		}()
+	}
+	// Host.
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		cmds := []byte{cmdIccPowerOn, cmdXfrBlock, cmdXfrBlock, cmdGetSlotStatus, cmdIccPowerOff, cmdGetParameters}
+		for i := 0; ctx.Err() == nil; i++ {
+			typ := cmds[i%len(cmds)]
+			var data []byte
+			if typ == cmdXfrBlock {
+				data = []byte{0, 0xCA, 0, 0, 0}
+			}
+			r.Out(ctx, epBulkOut, frame(typ, byte(i/len(cmds)%2), byte(i), 0, 0, 0, data))
+			if i%50 == 0 {
+				r.Control(ctx, usb.Setup{RequestType: 0x21, Request: reqAbort, Value: uint16(i%2) | uint16(i)<<8}, nil)
+				r.Out(ctx, epBulkOut, frame(cmdAbort, byte(i%2), byte(i), 0, 0, 0, nil))
+			}
+		}
+	}()
+	// Card events.
+	for slot, c := range cards {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for ctx.Err() == nil {
+				r.Insert(slot, c)
+				time.Sleep(time.Millisecond)
+				r.Remove(slot)
+			}
+		}()
+	}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for ctx.Err() == nil {
+			time.Sleep(7 * time.Millisecond)
+			r.Reset()
+		}
+	}()
+	wg.Wait()
+	for i, c := range cards {
+		c.mu.Lock()
+		if c.overlap {
+			t.Errorf("card %d called concurrently", i)
+		}
+		c.mu.Unlock()
+	}
+}

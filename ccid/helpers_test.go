@@ -31,19 +31,30 @@ var (
 func newFake(atr []byte) *fakeCard { return &fakeCard{atr: atr} }
 
 func (c *fakeCard) ATR() []byte { return c.atr }
-func (c *fakeCard) PowerOn()    { c.mu.Lock(); c.on++; c.mu.Unlock() }
-func (c *fakeCard) PowerOff()   { c.mu.Lock(); c.off++; c.mu.Unlock() }
-func (c *fakeCard) Reset()      { c.mu.Lock(); c.reset++; c.mu.Unlock() }
+func (c *fakeCard) PowerOn()    { c.enter(); c.mu.Lock(); c.on++; c.mu.Unlock(); c.leave() }
+func (c *fakeCard) PowerOff()   { c.enter(); c.mu.Lock(); c.off++; c.mu.Unlock(); c.leave() }
+func (c *fakeCard) Reset()      { c.enter(); c.mu.Lock(); c.reset++; c.mu.Unlock(); c.leave() }
 
-func (c *fakeCard) Transmit(ctx context.Context, cmd []byte) ([]byte, error) {
+// enter and leave bracket a card call; two at once mean the reader broke
+// card.Card's one-caller-at-a-time rule.
+func (c *fakeCard) enter() {
 	c.mu.Lock()
-	c.tx++
 	c.active++
 	if c.active > 1 {
 		c.overlap = true
 	}
 	c.mu.Unlock()
-	defer func() { c.mu.Lock(); c.active--; c.mu.Unlock() }()
+	time.Sleep(10 * time.Microsecond) // widen the window
+}
+
+func (c *fakeCard) leave() { c.mu.Lock(); c.active--; c.mu.Unlock() }
+
+func (c *fakeCard) Transmit(ctx context.Context, cmd []byte) ([]byte, error) {
+	c.enter()
+	defer c.leave()
+	c.mu.Lock()
+	c.tx++
+	c.mu.Unlock()
 	if c.delay > 0 {
 		select {
 		case <-time.After(c.delay):
