@@ -380,6 +380,12 @@ func (s *session) control(u *urb) ([]byte, error) {
 		// (protocols.md §5); a client that does gets a harmless success.
 		return nil, nil
 	}
+	if setup.RequestType == 0x23 && setup.Request == usb.ReqSetFeature && setup.Value == 4 {
+		// SET_FEATURE(PORT_RESET) addressed to the device's port: Linux's
+		// stub driver resets the device on it (stub_rx.c), so do we.
+		s.dev.Reset()
+		return nil, nil
+	}
 	if dirIn {
 		limit := int(min(uint32(setup.Length), u.hdr.TransferBufferLength))
 		b, err := s.dev.Control(u.ctx, setup, nil)

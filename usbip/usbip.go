@@ -122,12 +122,15 @@ func (s *Server) Add(busid string, dev usb.Device) error {
 // returns an Accept error that is not due to ctx.
 func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
 	stop := context.AfterFunc(ctx, func() { ln.Close() })
-	defer stop()
-
 	var wg sync.WaitGroup
-	defer wg.Wait()
+	defer func() {
+		// Also on an Accept error: serving ends, so every connection ends
+		// (its device detached) before Serve returns.
+		stop()
+		cancel()
+		wg.Wait()
+	}()
 	for {
 		c, err := ln.Accept()
 		if err != nil {

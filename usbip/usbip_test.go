@@ -2,8 +2,10 @@ package usbip
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
+	"net"
 	"strings"
 	"testing"
 	"time"
@@ -193,6 +195,7 @@ func TestControl(t *testing.T) {
 		{"unsupported: stall", dirIn, 2, setupBytes(0x80, 0, 0, 0, 2), nil, errEPIPE, nil, 0},
 		{"direction mismatch: stall", dirOut, 4, setupBytes(0x80, 6, 0x0100, 0, 4), []byte{0, 0, 0, 0}, errEPIPE, nil, 0},
 		{"SET_ADDRESS answered here", dirOut, 0, setupBytes(0x00, 5, 7, 0, 0), nil, 0, nil, 0},
+		{"port reset resets the device", dirOut, 0, setupBytes(0x23, 3, 4, 1, 0), nil, 0, nil, 0},
 	} {
 		seq := uint32(100 + i)
 		cl.submit(seq, tc.dir, 0, tc.length, tc.setup, tc.data)
@@ -201,7 +204,10 @@ func TestControl(t *testing.T) {
 			t.Errorf("%s: reply %+v data % x; want status %d actual %d data % x", tc.name, h, data, tc.status, tc.actual, tc.want)
 		}
 	}
-	_, _, _, controls := d.snapshot()
+	resets, _, _, controls := d.snapshot()
+	if resets != 1 {
+		t.Errorf("device resets %d after SET_FEATURE(PORT_RESET), want 1", resets)
+	}
 	for _, c := range controls {
 		if c.Request == usb.ReqSetAddress {
 			t.Error("SET_ADDRESS reached the device")
@@ -437,5 +443,52 @@ func waitFor(t *testing.T, cond func() bool) {
 			t.Fatal("condition not reached in 5 s")
 		}
 		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// failingListener accepts one connection, then fails when told to.
+type failingListener struct {
+	net.Listener
+	calls int
+	fail  chan struct{}
+}
+
+func (l *failingListener) Accept() (net.Conn, error) {
+	l.calls++
+	if l.calls == 1 {
+		return l.Listener.Accept()
+	}
+	<-l.fail
+	return nil, errors.New("listener broke")
+}
+
+func TestServeAcceptError(t *testing.T) {
+	s := NewServer(nil)
+	d := newFakeDev()
+	_ = s.Add("1-1", d)
+	inner, err := netListen()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer inner.Close()
+	ln := &failingListener{Listener: inner, fail: make(chan struct{})}
+	done := make(chan error, 1)
+	go func() { done <- s.Serve(context.Background(), ln) }()
+	cl := dial(t, inner.Addr().String())
+	if st, _ := cl.importDev("1-1"); st != stOK {
+		t.Fatal(st)
+	}
+	close(ln.fail)
+	select {
+	case err := <-done:
+		if err == nil || !strings.Contains(err.Error(), "listener broke") {
+			t.Fatalf("Serve: %v, want the accept error", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Serve did not return after its listener failed while a device was imported")
+	}
+	cl.expectClosed()
+	if r, _, _, _ := d.snapshot(); r != 1 {
+		t.Errorf("device resets %d, want 1 (detached)", r)
 	}
 }
