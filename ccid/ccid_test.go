@@ -572,6 +572,14 @@ func TestTimeExtension(t *testing.T) {
 	}
 	time.Sleep(60 * time.Millisecond)
 	h.noRead()
+
+	// A slow IccPowerOn gets none: libccid's CmdPowerOn would read one
+	// as the ATR answer.
+	c.powerDelay = 100 * time.Millisecond
+	if r := h.powerOn(0); !bytes.Equal(r.data, atrT0) {
+		t.Errorf("slow power on answered %+v", r)
+	}
+	h.noRead()
 }
 
 // TestBusyAndAbort: a second command while one runs gets CMD_SLOT_BUSY;

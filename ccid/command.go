@@ -329,8 +329,12 @@ func (r *Reader) run(ctx context.Context, cancel context.CancelFunc, s *slot, f 
 	r.mu.Unlock()
 	n, typ := int(f[5]), f[0]
 
+	// Time extensions only for XfrBlock: libccid's CCID_Receive waits on
+	// them, but its CmdPowerOn would take one for the ATR answer
+	// (commands.c reads one message and uses its dwLength) and then be a
+	// message out of step.
 	var stopExt func()
-	if typ != cmdIccPowerOff {
+	if typ == cmdXfrBlock {
 		stopExt = r.timeExtensions(s, f, gen)
 	}
 	start := time.Now()

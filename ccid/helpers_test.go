@@ -11,8 +11,9 @@ import (
 
 // fakeCard is a card.Card whose answers a test chooses.
 type fakeCard struct {
-	atr   []byte
-	delay time.Duration
+	atr        []byte
+	delay      time.Duration // Transmit's
+	powerDelay time.Duration // PowerOn's
 	// answer gives the response; nil echoes the command's data and 90 00.
 	answer func(cmd []byte) ([]byte, error)
 
@@ -31,9 +32,17 @@ var (
 func newFake(atr []byte) *fakeCard { return &fakeCard{atr: atr} }
 
 func (c *fakeCard) ATR() []byte { return c.atr }
-func (c *fakeCard) PowerOn()    { c.enter(); c.mu.Lock(); c.on++; c.mu.Unlock(); c.leave() }
-func (c *fakeCard) PowerOff()   { c.enter(); c.mu.Lock(); c.off++; c.mu.Unlock(); c.leave() }
-func (c *fakeCard) Reset()      { c.enter(); c.mu.Lock(); c.reset++; c.mu.Unlock(); c.leave() }
+func (c *fakeCard) PowerOn() {
+	c.enter()
+	c.mu.Lock()
+	c.on++
+	d := c.powerDelay
+	c.mu.Unlock()
+	time.Sleep(d)
+	c.leave()
+}
+func (c *fakeCard) PowerOff() { c.enter(); c.mu.Lock(); c.off++; c.mu.Unlock(); c.leave() }
+func (c *fakeCard) Reset()    { c.enter(); c.mu.Lock(); c.reset++; c.mu.Unlock(); c.leave() }
 
 // enter and leave bracket a card call; two at once mean the reader broke
 // card.Card's one-caller-at-a-time rule.
