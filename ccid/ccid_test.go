@@ -846,3 +846,60 @@ func TestConcurrentStress(t *testing.T) {
 		c.mu.Unlock()
 	}
 }
+
+// TestLibccidOpenSequence plays libccid 1.5's open and first transaction
+// as protocols.md §4.2 lists them, with its read timeouts: the 100 ms
+// interrupt drain, GetSlotStatus answered well within 100 ms, the Gemalto
+// GET_FIRMWARE_FEATURES Escape failing cleanly, presence, power on with
+// automatic voltage and an APDU.
+func TestLibccidOpenSequence(t *testing.T) {
+	h := newHost(t, nil)
+	r := h.r
+	ctx := context.Background()
+	for _, s := range []usb.Setup{
+		{RequestType: 0x80, Request: usb.ReqGetDescriptor, Value: 0x0100, Length: 18},
+		{RequestType: 0x80, Request: usb.ReqGetDescriptor, Value: 0x0200, Length: 9},
+		{RequestType: 0x80, Request: usb.ReqGetDescriptor, Value: 0x0200, Length: 93},
+		{RequestType: 0x00, Request: usb.ReqSetConfiguration, Value: 1},
+	} {
+		if _, err := r.Control(ctx, s, nil); err != nil {
+			t.Fatalf("%+v: %v", s, err)
+		}
+	}
+	// 1. Interrupt drain: the first poll answers at once, empty reader.
+	if b, err := intr(t, r, 100*time.Millisecond); err != nil || !bytes.Equal(b, []byte{0x50, 0}) {
+		t.Fatalf("first interrupt read % X, %v", b, err)
+	}
+	// 2. GetSlotStatus three times, each under libccid's 100 ms.
+	for range 3 {
+		start := time.Now()
+		if a := h.cmd(cmdGetSlotStatus, 0, 0, nil); a.status != iccAbsent || a.err != 0 {
+			t.Fatalf("GetSlotStatus %+v", a)
+		}
+		if d := time.Since(start); d > 100*time.Millisecond {
+			t.Errorf("GetSlotStatus took %v", d)
+		}
+	}
+	// 3. Escape 6A: failed, type Escape, nothing stuck behind it.
+	if a := h.cmd(cmdEscape, 0, 0, []byte{0x6A}); a.status&cmdFailed == 0 || a.err != errNotSupported {
+		t.Fatalf("Escape %+v", a)
+	}
+	// A card arrives: the poll wakes, GetSlotStatus says present.
+	r.Insert(0, newFake(atrT0))
+	if b, err := intr(t, r, time.Second); err != nil || !bytes.Equal(b, []byte{0x50, 0x03}) {
+		t.Fatalf("insert notification % X, %v", b, err)
+	}
+	if a := h.cmd(cmdGetSlotStatus, 0, 0, nil); a.status != iccInactive {
+		t.Fatalf("presence %+v", a)
+	}
+	// 5. IccPowerOn with bPowerSelect 0 (AUTO_VOLTAGE): ATR ≤ 33 bytes
+	// fits libccid's 10+33-byte buffer.
+	if a := h.powerOn(0); len(a.data) > 33 {
+		t.Fatalf("ATR of %d bytes", len(a.data))
+	}
+	// No SetParameters (AUTO_PPS_PROP); the APDU goes raw.
+	if a := h.cmd(cmdXfrBlock, 0, 0, []byte{0, 0xA4, 4, 0, 2, 0x3F, 0}); a.status != 0 || len(a.data) != 9 {
+		t.Fatalf("XfrBlock %+v", a)
+	}
+	h.noRead()
+}
