@@ -58,6 +58,7 @@ type Options struct {
 const (
 	disconnectWriteTimeout = 2 * time.Second
 	disconnectAckTimeout   = time.Second
+	disconnectDrain        = 200 * time.Millisecond // without the ack: let the peer read and close
 )
 
 // Per-endpoint queue bounds: a peer cannot make us hold more than this.
@@ -83,6 +84,7 @@ func Serve(ctx context.Context, conn net.Conn, dev usb.Device, opts *Options) er
 	// LowLatency only passes calls through for non-TCP connections.
 	c := netutil.LowLatency(conn)
 	s := &session{
+		raw:      conn,
 		conn:     c,
 		br:       bufio.NewReaderSize(c, 64<<10),
 		dev:      dev,
@@ -98,6 +100,7 @@ func Serve(ctx context.Context, conn net.Conn, dev usb.Device, opts *Options) er
 }
 
 type session struct {
+	raw  net.Conn // as given, for CloseWrite
 	conn net.Conn
 	br   *bufio.Reader
 	dev  usb.Device
@@ -201,17 +204,27 @@ func (s *session) disconnect(readDone chan error) {
 		return
 	}
 	s.log.Info("usbredir: device disconnected")
-	if s.codec.both&capDeviceDisconnectAck == 0 {
-		return
+	// FIN right behind the unplug. The reader keeps draining what the peer
+	// still sends meanwhile: closing a TCP socket with unread input sends
+	// a RST, which can destroy our last packet in the peer's receive queue
+	// before QEMU reads it.
+	if cw, ok := s.raw.(interface{ CloseWrite() error }); ok {
+		_ = cw.CloseWrite()
 	}
-	t := time.NewTimer(disconnectAckTimeout)
+	wait := disconnectDrain
+	if s.codec.both&capDeviceDisconnectAck != 0 {
+		wait = disconnectAckTimeout
+	}
+	t := time.NewTimer(wait)
 	defer t.Stop()
 	select {
 	case <-s.ackCh:
 	case err := <-readDone:
 		readDone <- err // run reads it again
 	case <-t.C:
-		s.log.Debug("usbredir: no device_disconnect_ack")
+		if wait == disconnectAckTimeout {
+			s.log.Debug("usbredir: no device_disconnect_ack")
+		}
 	}
 }
 
