@@ -666,3 +666,133 @@ func TestReaderUSBRedirReconnect(t *testing.T) {
 		t.Errorf("the reader is still held by %s after shutdown", who)
 	}
 }
+
+// TestReaderPCSCWithoutDaemon: a --pcsc slot with no pcscd starts empty,
+// says what it waits for, refuses insert and remove clearly; the bridge's
+// Slot view of the CCID slot moves a card in and out.
+func TestReaderPCSCWithoutDaemon(t *testing.T) {
+	t.Setenv("PCSCLITE_CSOCK_NAME", filepath.Join(t.TempDir(), "no-pcscd.comm"))
+	cfg := &readerConfig{vid: 0x08E6, pid: 0x4433, sources: []sourceSpec{{kind: srcPCSC, arg: "Virtual PCD 00 00"}}}
+	var logBuf syncBuffer
+	log := slog.New(slog.NewTextHandler(&logBuf, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	app, err := newReaderApp(context.Background(), cfg, log, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	runDone := make(chan error, 1)
+	go func() { runDone <- app.run(ctx) }()
+	waitFor(t, func() bool { return strings.Contains(logBuf.String(), "waiting for pcscd") })
+	if a := app.handle(ctx, "list"); !strings.Contains(a, "slot 0: empty: physical card in PC/SC reader \"Virtual PCD 00 00\"") ||
+		!strings.Contains(a, "pcscd: not reachable") {
+		t.Errorf("list:\n%s", a)
+	}
+	for _, cmd := range []string{"insert", "remove 0"} {
+		if a := app.handle(ctx, cmd); !ctl.IsError(a) {
+			t.Errorf("%s with no card: %q", cmd, a)
+		}
+	}
+
+	h := newCCIDHost(t, app.rd)
+	slot := ccidSlot{app, app.slots[0]}
+	if err := slot.AddReader(); err != nil || h.slotStatus(0) != 2 {
+		t.Fatalf("AddReader: %v; slot status %d, want 2 (absent)", err, h.slotStatus(0))
+	}
+	tok, err := store.Open(testCard(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := cac.New(tok, cac.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := slot.Insert(c); err != nil {
+		t.Fatal(err)
+	}
+	if st := h.slotStatus(0); st == 2 {
+		t.Fatal("inserted card absent")
+	}
+	if atr := h.powerOn(0); !bytes.Equal(atr, c.ATR()) {
+		t.Errorf("ATR % X, want the card's % X", atr, c.ATR())
+	}
+	// A reader unplugged takes its card with it.
+	if err := slot.RemoveReader(); err != nil || h.slotStatus(0) != 2 {
+		t.Fatalf("RemoveReader: %v; slot status %d, want 2", err, h.slotStatus(0))
+	}
+	cancel()
+	select {
+	case err := <-runDone:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("run did not return")
+	}
+}
+
+// TestReaderVSCardTLS: with --tls-cert/--tls-key/--tls-ca the VSCard
+// listener is TLS and wants a client certificate from the CA: vscard
+// connect's TLS client gets its card into the slot; a client without a
+// certificate does not.
+func TestReaderVSCardTLS(t *testing.T) {
+	p := newPKI(t)
+	vsock := filepath.Join(shortDir(t), "v.sock")
+	tgt := target{Network: "unix", Addr: vsock}
+	cfg := &readerConfig{vid: 0x08E6, pid: 0x4433, sources: []sourceSpec{{kind: srcVSCard, arg: "unix:" + vsock, addr: tgt}},
+		tlsCA: p.caFile, tlsCert: filepath.Join(p.dir, "server-cert.pem"), tlsKey: filepath.Join(p.dir, "server-key.pem")}
+	app, err := newReaderApp(context.Background(), cfg, slog.New(slog.DiscardHandler), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	runDone := make(chan error, 1)
+	go func() { runDone <- app.run(ctx) }()
+	waitFor(t, func() bool { _, err := os.Stat(vsock); return err == nil })
+
+	tok, err := store.Open(testCard(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := cac.New(tok, cac.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// No client certificate: the handshake fails and the slot stays empty.
+	noCert, err := clientTLSConfig(p.caFile, "", "", "localhost", tgt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bad := vscard.NewClient(dialer(tgt, noCert), c, nil)
+	bctx, bcancel := context.WithTimeout(ctx, 500*time.Millisecond)
+	bad.Run(bctx)
+	bcancel()
+	vs := app.slots[0].vs
+	vs.mu.Lock()
+	served, lastErr := vs.clients, vs.lastErr
+	vs.mu.Unlock()
+	if served != 0 || app.slots[0].isInserted() {
+		t.Fatal("a client without a certificate got through")
+	}
+	if lastErr == "" {
+		t.Error("the failed handshake left no error for list/status")
+	}
+
+	good, err := clientTLSConfig(p.caFile, p.certFile, p.keyFile, "localhost", tgt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cl := vscard.NewClient(dialer(tgt, good), c, nil)
+	clDone := make(chan error, 1)
+	go func() { clDone <- cl.Run(ctx) }()
+	waitFor(t, func() bool { return app.slots[0].isInserted() })
+	h := newCCIDHost(t, app.rd)
+	h.powerOn(0)
+	if got := h.xfr(0, fakehost.SelectACA); !bytes.Equal(got, []byte{0x61, 0x0D}) {
+		t.Errorf("SELECT ACA over TLS: % X", got)
+	}
+	cancel()
+	<-clDone
+	<-runDone
+}
