@@ -158,16 +158,21 @@ func (s *session) run(ctx context.Context) error {
 		ver += " " + bi.Main.Version
 	}
 	hdr, data := helloPayload(ver)
-	// The hello always has the 12-byte header (protocols.md §6.1).
-	if err := s.send(typeHello, 0, hdr, data); err != nil {
+	// The hello always has the 12-byte header (protocols.md §6.1). A peer
+	// that never reads must not hold Serve past ctx.
+	stop := context.AfterFunc(ctx, func() { s.conn.Close() })
+	err := s.send(typeHello, 0, hdr, data)
+	if !stop() || err != nil {
 		s.conn.Close()
+		if ctx.Err() != nil {
+			return nil
+		}
 		return fmt.Errorf("usbredir: send hello: %w", err)
 	}
 
 	readDone := make(chan error, 1)
 	go func() { readDone <- s.readLoop() }()
 
-	var err error
 	select {
 	case err = <-readDone:
 		s.wcancel()

@@ -1028,3 +1028,23 @@ func TestCancelBeforeHello(t *testing.T) {
 		t.Errorf("packet type %d after cancel before hello", r.typ)
 	}
 }
+
+// A peer that never reads cannot hold Serve past ctx, not even in the
+// hello.
+func TestCancelPeerNeverReads(t *testing.T) {
+	server, client := net.Pipe() // unbuffered: every write waits for a read
+	defer client.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- Serve(ctx, server, newFakeDev(), nil) }()
+	time.Sleep(20 * time.Millisecond)
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Errorf("Serve: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Serve did not return")
+	}
+}
