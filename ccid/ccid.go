@@ -50,7 +50,9 @@ type Options struct {
 	Logger                        *slog.Logger
 	// Trace, if set, is called after each card operation (APDU exchange,
 	// power on/off) with PIN data redacted (apdu.Redact). It is called
-	// from the slot's command goroutine and must not block for long.
+	// from the slot's command goroutine while the slot is busy, so it must
+	// not block for long nor call Insert or Remove (they wait for the
+	// slot).
 	Trace func(TraceEvent)
 }
 
