@@ -5,6 +5,7 @@ import (
 	"context"
 	"io"
 	"net"
+	"sync"
 	"testing"
 	"time"
 )
@@ -110,10 +111,11 @@ func FuzzServe(f *testing.F) {
 			t.Fatal(err)
 		}
 		cli, srv := net.Pipe()
+		rec := &recConn{Conn: srv}
 		ctx, cancel := context.WithCancel(context.Background())
 		defer cancel()
 		done := make(chan struct{})
-		go func() { s.serveConn(ctx, srv); close(done) }()
+		go func() { s.serveConn(ctx, rec); close(done) }()
 		drained := make(chan struct{})
 		go func() { io.Copy(io.Discard, cli); close(drained) }()
 		_, _ = cli.Write(stream) // fails early if the server closed
@@ -130,5 +132,72 @@ func FuzzServe(f *testing.F) {
 		if busy {
 			t.Fatal("device still imported after the connection ended")
 		}
+		checkWrites(t, rec.writes)
 	})
+}
+
+// recConn records each Write: the server promises one write per PDU.
+type recConn struct {
+	net.Conn
+	mu     sync.Mutex
+	writes [][]byte
+}
+
+func (c *recConn) Write(b []byte) (int, error) {
+	c.mu.Lock()
+	c.writes = append(c.writes, append([]byte(nil), b...))
+	c.mu.Unlock()
+	return c.Conn.Write(b)
+}
+
+// checkWrites checks what the server wrote: after a successful import,
+// whole RET_SUBMIT / RET_UNLINK PDUs only, each in one write, with the
+// fields vhci-hcd relies on.
+func checkWrites(t *testing.T, writes [][]byte) {
+	if len(writes) == 0 {
+		return
+	}
+	first := writes[0]
+	if len(first) < opHeaderLen || be16(first, 0) != version {
+		t.Fatalf("first write % x is no operation reply", first)
+	}
+	if be16(first, 2) != opRepImport || be32(first, 4) != stOK {
+		if len(writes) > 1 {
+			t.Fatalf("%d writes after a reply that ends the connection", len(writes)-1)
+		}
+		return
+	}
+	if len(first) != opHeaderLen+deviceLen {
+		t.Fatalf("import reply of %d bytes", len(first))
+	}
+	for _, w := range writes[1:] {
+		if len(w) < urbHeaderLen {
+			t.Fatalf("write of %d bytes: not a whole PDU", len(w))
+		}
+		h, err := parseURBHeader(w[:urbHeaderLen])
+		if err != nil {
+			t.Fatal(err)
+		}
+		if h.DevID != 0 || h.Direction != 0 || h.EP != 0 {
+			t.Fatalf("reply with devid/direction/ep %d/%d/%d", h.DevID, h.Direction, h.EP)
+		}
+		switch h.Command {
+		case retSubmit:
+			if n := len(w) - urbHeaderLen; n != 0 && n != int(h.ActualLength) {
+				t.Fatalf("RET_SUBMIT with %d data bytes, actual_length %d", n, h.ActualLength)
+			}
+			if h.ActualLength > maxTransfer {
+				t.Fatalf("actual_length %d", h.ActualLength)
+			}
+			if h.Status != 0 && (h.Status != errEPIPE && h.Status != errEPROTO || h.ActualLength != 0) {
+				t.Fatalf("RET_SUBMIT status %d actual_length %d", h.Status, h.ActualLength)
+			}
+		case retUnlink:
+			if len(w) != urbHeaderLen || (h.Status != 0 && h.Status != errECONNRESET) {
+				t.Fatalf("RET_UNLINK of %d bytes, status %d", len(w), h.Status)
+			}
+		default:
+			t.Fatalf("server wrote command %d", h.Command)
+		}
+	}
 }
