@@ -65,7 +65,8 @@ func TestQEMUSmoke(t *testing.T) {
 		"-display", "none", "-serial", "none", "-monitor", "none",
 		"-device", "qemu-xhci",
 		"-chardev", "socket,id=r0,path="+sock,
-		"-device", "usb-redir,chardev=r0",
+		// debug=4: QEMU logs its view of the attach, transfers and detach.
+		"-device", "usb-redir,chardev=r0,debug=4",
 	)
 	cmd.Stderr = &stderr
 	if err := cmd.Start(); err != nil {
@@ -129,8 +130,16 @@ func TestQEMUSmoke(t *testing.T) {
 	if strings.Contains(l, "malformed") {
 		t.Errorf("QEMU sent a packet we call malformed:\n%s", l)
 	}
-	if e := stderr.String(); strings.Contains(strings.ToLower(e), "reject") || strings.Contains(e, "usb-redir error") {
+	e := stderr.String()
+	if strings.Contains(strings.ToLower(e), "reject") || strings.Contains(e, "usb-redir error") {
 		t.Errorf("QEMU complains:\n%s", e)
+	}
+	// QEMU accepted our announcement as a full-speed device with our
+	// VID:PID, and saw the unplug (before the link closed).
+	for _, want := range []string{"attaching full speed device 08e6:4433", "detaching device"} {
+		if !strings.Contains(e, want) {
+			t.Errorf("QEMU stderr lacks %q:\n%s", want, e)
+		}
 	}
 	t.Logf("serve log:\n%s", l)
 }
