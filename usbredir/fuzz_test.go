@@ -6,6 +6,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"testing"
@@ -115,7 +116,13 @@ func FuzzSession(f *testing.F) {
 		defer cancel()
 		done := make(chan error, 1)
 		go func() { done <- Serve(ctx, server, &fuzzDev{}, nil) }()
-		go io.Copy(io.Discard, client)
+		var out bytes.Buffer
+		copied := make(chan struct{})
+		go func() {
+			// Bounded: a packet's worth of output per input packet at most.
+			io.Copy(&out, io.LimitReader(client, 64<<20))
+			close(copied)
+		}()
 		hello := codec{}.appendPacket(nil, typeHello, 0, make([]byte, 64), binary.LittleEndian.AppendUint32(nil, peerCaps))
 		client.SetWriteDeadline(time.Now().Add(5 * time.Second))
 		if _, err := client.Write(append(hello, stream...)); err != nil && !errors.Is(err, io.ErrClosedPipe) {
@@ -131,5 +138,95 @@ func FuzzSession(f *testing.F) {
 		case <-time.After(10 * time.Second):
 			t.Fatal("Serve did not return after the peer closed")
 		}
+		<-copied
+		// Whatever the input, what Serve wrote is a well-formed stream.
+		if err := checkHostStream(out.Bytes(), negotiate(caps(peerCaps))); err != nil {
+			t.Fatal(err)
+		}
 	})
+}
+
+// checkHostStream checks a stream as a usb-guest's parser would read it
+// from the usb-host: hello first in the 12-byte framing, then only types a
+// host sends, each with its negotiated header size and the data direction
+// rule (data only for IN endpoints, and then exactly the length field).
+// A truncated last packet is allowed: the peer closed mid-write.
+func checkHostStream(b []byte, c codec) error {
+	first := true
+	for len(b) > 0 {
+		cc := c
+		if first {
+			cc = codec{}
+		}
+		hl := cc.headerLen()
+		if len(b) < hl {
+			return nil
+		}
+		typ := binary.LittleEndian.Uint32(b)
+		n := int(binary.LittleEndian.Uint32(b[4:]))
+		if len(b) < hl+n {
+			return nil
+		}
+		body := b[hl : hl+n]
+		b = b[hl+n:]
+		if first != (typ == typeHello) {
+			return fmt.Errorf("type %d where the hello must be first and only", typ)
+		}
+		first = false
+		want := map[uint32]int{
+			typeHello: 64, typeDeviceDisconnect: 0, typeInterfaceInfo: 132,
+			typeConfigurationStatus: 2, typeAltSettingStatus: 3, typeIsoStreamStatus: 2,
+			typeInterruptReceivingStatus: 2, typeBulkStreamsStatus: 9, typeBulkReceivingStatus: 6,
+			typeControlPacket: 10, typeBulkPacket: c.bulkHeaderLen(), typeInterruptPacket: 4,
+			typeDeviceConnect: 8, typeEPInfo: 96,
+		}
+		if c.both&capConnectDeviceVersion != 0 {
+			want[typeDeviceConnect] = 10
+		}
+		if c.both&capEPInfoMaxPacketSize != 0 {
+			want[typeEPInfo] = 160
+		}
+		th, ok := want[typ]
+		if !ok {
+			return fmt.Errorf("type %d is not one a usb-host sends", typ)
+		}
+		if len(body) < th || len(body) > th && !carriesData(typ) {
+			return fmt.Errorf("type %d length %d, header %d", typ, len(body), th)
+		}
+		p := packet{typ: typ, hdr: body[:th], data: body[th:]}
+		if ep, length, ok := c.endpointAndLength(p); ok {
+			if ep&0x80 != 0 && len(p.data) != length {
+				return fmt.Errorf("type %d IN ep %#x: %d data bytes for length %d", typ, ep, len(p.data), length)
+			}
+			if ep&0x80 == 0 && len(p.data) != 0 {
+				return fmt.Errorf("type %d OUT ep %#x carries data", typ, ep)
+			}
+		}
+	}
+	return nil
+}
+
+// The stream checker FuzzSession relies on must itself reject bad streams.
+func TestCheckHostStream(t *testing.T) {
+	c := negotiate(qemuCaps)
+	hello := codec{}.appendPacket(nil, typeHello, 0, make([]byte, 64), []byte{0x7E, 0, 0, 0})
+	tests := []struct {
+		name string
+		b    []byte
+		ok   bool
+	}{
+		{"hello only", hello, true},
+		{"no hello", c.appendPacket(nil, typeDeviceDisconnect, 0, nil, nil), false},
+		{"bulk IN with data", c.appendPacket(hello, typeBulkPacket, 1, bulkHdr(c, 0x82, 2), []byte{1, 2}), true},
+		{"bulk IN data short", c.appendPacket(hello, typeBulkPacket, 1, bulkHdr(c, 0x82, 3), []byte{1, 2}), false},
+		{"bulk OUT with data", c.appendPacket(hello, typeBulkPacket, 1, bulkHdr(c, 0x03, 2), []byte{1, 2}), false},
+		{"guest-only type", c.appendPacket(hello, typeSetConfiguration, 1, []byte{1}, nil), false},
+		{"ep_info short", c.appendPacket(hello, typeEPInfo, 0, make([]byte, 96), nil), false},
+		{"second hello", c.appendPacket(hello, typeHello, 0, make([]byte, 64), nil), false},
+	}
+	for _, tt := range tests {
+		if err := checkHostStream(tt.b, c); (err == nil) != tt.ok {
+			t.Errorf("%s: err %v, want ok=%v", tt.name, err, tt.ok)
+		}
+	}
 }
