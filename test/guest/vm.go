@@ -33,6 +33,17 @@ type Config struct {
 	// no usb-ccid device; /init then does not wait for one.
 	Chardev string
 
+	// USBRedir is the socket QEMU listens on for a usbredir peer, in the
+	// same forms as Chardev: it adds a usb-redir device on the xHCI bus
+	// (no usb-ccid unless Chardev is set too), the generic path of issue 6
+	// for a reader that lives outside QEMU. /init waits for the reader's
+	// 08e6:4433 device and starts pcscd, as it does for usb-ccid.
+	USBRedir string
+
+	// QEMUArgs are extra QEMU options, appended as they are (e.g. the
+	// user-mode network a USB/IP test needs).
+	QEMUArgs []string
+
 	// Script is the shell script the guest runs after pcscd has started
 	// (as /vscard/script; it may source /vscard/lib.sh for helpers).
 	Script string
@@ -165,6 +176,10 @@ func Start(ctx context.Context, cfg Config) (*VM, error) {
 	if err != nil {
 		return nil, err
 	}
+	redir, err := usbRedirArgs(cfg.USBRedir)
+	if err != nil {
+		return nil, err
+	}
 	qemu, err := exec.LookPath("qemu-system-x86_64")
 	if err != nil {
 		return nil, fmt.Errorf("guest: qemu-system-x86_64 not found (Debian package qemu-system-x86; run scripts/setup): %w", err)
@@ -195,7 +210,7 @@ func Start(ctx context.Context, cfg Config) (*VM, error) {
 	if cfg.probe {
 		appendArg += " vscard.probe=1"
 	}
-	if cfg.Chardev == "" {
+	if cfg.Chardev == "" && cfg.USBRedir == "" {
 		appendArg += " vscard.ccid=0"
 	}
 	// The command line of guest-vm.md §4.1: no network, VGA or default
@@ -211,7 +226,13 @@ func Start(ctx context.Context, cfg Config) (*VM, error) {
 		"-chardev", "stdio,id=con,signal=off", "-serial", "chardev:con",
 		"-no-reboot",
 		"-kernel", cfg.Image.Kernel, "-initrd", initrd, "-append", appendArg)
+	if len(ccid) > 0 || len(redir) > 0 {
+		// One xHCI controller carries both devices.
+		args = append(args, "-device", "qemu-xhci,id=xhci")
+	}
 	args = append(args, ccid...)
+	args = append(args, redir...)
+	args = append(args, cfg.QEMUArgs...)
 
 	vm := &VM{
 		cfg:     cfg,
@@ -296,32 +317,58 @@ func chardevArgs(target string) ([]string, error) {
 	if target == "" {
 		return nil, nil
 	}
+	sock, err := socketChardev("ccid", target)
+	if err != nil {
+		return nil, err
+	}
+	return []string{
+		"-chardev", sock,
+		"-device", "usb-ccid,id=ccid0,bus=xhci.0",
+		"-device", "ccid-card-passthru,chardev=ccid",
+	}, nil
+}
+
+// usbRedirArgs turns a Config.USBRedir target into QEMU options: a
+// listening chardev and a usb-redir device on the xHCI bus. nodelay=on
+// for the same reason as the passthru chardev: a usbredir packet is a
+// header and a payload, and an APDU round trip is several packets.
+func usbRedirArgs(target string) ([]string, error) {
+	if target == "" {
+		return nil, nil
+	}
+	sock, err := socketChardev("usbredir", target)
+	if err != nil {
+		return nil, err
+	}
+	return []string{
+		"-chardev", sock,
+		"-device", "usb-redir,id=redir0,chardev=usbredir,bus=xhci.0",
+	}, nil
+}
+
+// socketChardev is the -chardev value of a listening socket named id.
+func socketChardev(id, target string) (string, error) {
 	var sock string
 	switch {
 	case strings.HasPrefix(target, "tcp:"):
 		host, port, err := net.SplitHostPort(strings.TrimPrefix(target, "tcp:"))
 		if err != nil || port == "" {
-			return nil, fmt.Errorf("guest: chardev %q: want tcp:HOST:PORT", target)
+			return "", fmt.Errorf("guest: chardev %q: want tcp:HOST:PORT", target)
 		}
-		sock = fmt.Sprintf("socket,id=ccid,host=%s,port=%s,server=on,wait=off,nodelay=on", host, port)
+		sock = fmt.Sprintf("socket,id=%s,host=%s,port=%s,server=on,wait=off,nodelay=on", id, host, port)
 		if strings.Contains(host, ":") {
 			sock += ",ipv6=on"
 		}
 	case strings.HasPrefix(target, "unix:"):
 		p := strings.TrimPrefix(target, "unix:")
 		if p == "" || strings.Contains(p, ",") {
-			return nil, fmt.Errorf("guest: chardev %q: want unix:PATH without commas", target)
+			return "", fmt.Errorf("guest: chardev %q: want unix:PATH without commas", target)
 		}
-		sock = "socket,id=ccid,path=" + p + ",server=on,wait=off"
+		sock = "socket,id=" + id + ",path=" + p + ",server=on,wait=off"
 	default:
-		return nil, fmt.Errorf("guest: chardev %q: want tcp:HOST:PORT or unix:PATH", target)
+		return "", fmt.Errorf("guest: chardev %q: want tcp:HOST:PORT or unix:PATH", target)
 	}
-	return []string{
-		"-device", "qemu-xhci,id=xhci",
-		"-chardev", sock,
-		"-device", "usb-ccid,id=ccid0,bus=xhci.0",
-		"-device", "ccid-card-passthru,chardev=ccid",
-	}, nil
+	return sock, nil
 }
 
 func (vm *VM) readConsole(stdout io.Reader, stderr *bytes.Buffer) {
