@@ -136,7 +136,7 @@ func (d *fakeDev) Reset() {
 
 // peer plays QEMU's usb-guest side on a real socket.
 type peer struct {
-	t     *testing.T
+	t     testing.TB
 	c     net.Conn
 	br    *bufio.Reader
 	codec codec // framing once both hellos are exchanged
@@ -159,7 +159,7 @@ type session_ struct {
 
 // start runs Serve on one end of a loopback TCP connection and returns the
 // peer for the other end, after the hello exchange with peerCaps.
-func start(t *testing.T, peerCaps caps) *session_ {
+func start(t testing.TB, peerCaps caps) *session_ {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -1046,5 +1046,31 @@ func TestCancelPeerNeverReads(t *testing.T) {
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("Serve did not return")
+	}
+}
+
+// BenchmarkBulkRoundTrip measures one CCID-like exchange through Serve over
+// loopback TCP: a 20-byte bulk OUT and the bulk IN that collects the
+// device's answer, as QEMU sends them for one APDU.
+func BenchmarkBulkRoundTrip(b *testing.B) {
+	s := start(b, qemuCaps)
+	p := s.peer
+	p.announce()
+	c := p.codec
+	msg := bytes.Repeat([]byte{0x6F}, 20)
+	var buf []byte
+	b.ResetTimer()
+	for i := range b.N {
+		id := uint64(2 * i)
+		buf = c.appendPacket(buf[:0], typeBulkPacket, id, bulkHdr(c, 0x82, 65546), nil)
+		buf = c.appendPacket(buf, typeBulkPacket, id+1, bulkHdr(c, 0x03, len(msg)), msg)
+		if _, err := p.c.Write(buf); err != nil {
+			b.Fatal(err)
+		}
+		for range 2 {
+			if _, err := p.tryRecv(); err != nil {
+				b.Fatal(err)
+			}
+		}
 	}
 }
