@@ -719,6 +719,14 @@ func (s *session) control(r *request) {
 		Index:       binary.LittleEndian.Uint16(p.hdr[6:]),
 		Length:      binary.LittleEndian.Uint16(p.hdr[8:]),
 	}
+	if setup.In() != (p.hdr[0]&0x80 != 0) {
+		// The endpoint field decides which way data may flow on the wire
+		// (protocols.md §6.3); a request type going the other way cannot
+		// be answered within the protocol.
+		s.log.Warn("usbredir: control packet endpoint and request type disagree", "ep", p.hdr[0], "type", setup.RequestType)
+		s.replyStatus(p, statusInval)
+		return
+	}
 	if setup.In() {
 		// QEMU's control buffer holds 4096 bytes; it stalls on more
 		// (protocols.md §6.4 step 3), so never ask the device for more.

@@ -791,6 +791,11 @@ func TestMalformedPacketsSurvive(t *testing.T) {
 		{"interrupt IN from the guest", c.appendPacket(nil, typeInterruptPacket, 9, []byte{0x81, 0, 0, 0}, nil), 0, 0},
 		{"filter not NUL-terminated", c.appendPacket(nil, typeFilterFilter, 10, nil, []byte("-1,-1,-1,-1,1")), 0, 0},
 		{"valid filter", c.appendPacket(nil, typeFilterFilter, 11, nil, []byte("-1,-1,-1,-1,1\x00")), 0, 0},
+		{"control direction mismatch", c.appendPacket(nil, typeControlPacket, 14, func() []byte {
+			h := ctrlHdr(0x21, 0x7F, 0, 0, 4)
+			h[0] = 0x80 // endpoint says IN, request type says OUT
+			return h
+		}(), nil), 14, typeControlPacket},
 		{"second hello", c.appendPacket(nil, typeHello, 12, make([]byte, 64), []byte{0xFF, 0, 0, 0}), 0, 0},
 		{"iso stream start", c.appendPacket(nil, typeStartIsoStream, 13, []byte{0x84, 1, 1}, nil), 13, typeIsoStreamStatus},
 	}
