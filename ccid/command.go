@@ -200,6 +200,11 @@ func (r *Reader) dispatchLocked(f []byte, gen uint64) {
 		return
 	}
 	if typ == cmdAbort {
+		if s.busy && s.abortCmd != nil {
+			// One Abort at a time: each command gets one answer.
+			r.failLocked(f, errSlotBusy)
+			return
+		}
 		if s.busy {
 			// The running command answers CMD_ABORTED, then this Abort
 			// is answered (CCID 1.1 §5.3.1).

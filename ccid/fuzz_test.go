@@ -125,3 +125,55 @@ func seedTransfers(fs ...[]byte) []byte {
 	}
 	return b
 }
+
+// FuzzBulkOutPipelined sends whole frames back to back without waiting for
+// answers, as a host that pipelines would, so commands meet busy slots and
+// Aborts meet running commands. Every frame must still get exactly one
+// answer with its bSlot and bSeq.
+func FuzzBulkOutPipelined(f *testing.F) {
+	f.Add(seedTransfers(frame(cmdIccPowerOn, 0, 1, 0, 0, 0, nil), frame(cmdXfrBlock, 0, 2, 0, 0, 0, []byte{0, 0xA4, 4, 0, 0}), frame(cmdGetSlotStatus, 0, 3, 0, 0, 0, nil)))
+	f.Add(seedTransfers(frame(cmdIccPowerOn, 0, 1, 0, 0, 0, nil), frame(cmdXfrBlock, 0, 2, 0, 0, 0, []byte{1, 2, 3, 4}), frame(cmdAbort, 0, 3, 0, 0, 0, nil), frame(cmdAbort, 0, 4, 0, 0, 0, nil)))
+	f.Add(seedTransfers(frame(cmdIccPowerOn, 1, 1, 0, 0, 0, nil), frame(cmdIccPowerOff, 1, 2, 0, 0, 0, nil), frame(cmdIccPowerOn, 0, 3, 0, 0, 0, nil)))
+	f.Fuzz(func(t *testing.T, in []byte) {
+		r := New(&Options{Slots: 2})
+		r.timeExt = time.Hour
+		r.maxQueued = 1 << 20
+		c := newFake(atrT1)
+		c.delay = 50 * time.Microsecond
+		r.Insert(0, c)
+		r.Insert(1, newFake(atrT0))
+		ctx := context.Background()
+		want := map[[2]byte]int{}
+		for len(in) >= 2 {
+			n := min(int(binary.LittleEndian.Uint16(in)), len(in)-2)
+			data := in[2 : 2+n]
+			in = in[2+n:]
+			// Whole frames only: make dwLength agree and avoid the
+			// multiple-of-64 continuation rule.
+			if len(data) < 10 || len(data)%64 == 0 {
+				continue
+			}
+			binary.LittleEndian.PutUint32(data[1:], uint32(len(data)-10))
+			want[[2]byte{data[5], data[6]}]++
+			if err := r.Out(ctx, epBulkOut, data); err != nil {
+				t.Fatalf("Out: %v", err)
+			}
+		}
+		r.idle(t)
+		got := map[[2]byte]int{}
+		for _, m := range r.drain() {
+			if len(m) < 10 || int(binary.LittleEndian.Uint32(m[1:])) != len(m)-10 {
+				t.Fatalf("malformed answer % X", m)
+			}
+			got[[2]byte{m[5], m[6]}]++
+		}
+		for k, n := range want {
+			if got[k] != n {
+				t.Fatalf("slot %d seq %d: %d answers for %d commands", k[0], k[1], got[k], n)
+			}
+		}
+		if len(got) != len(want) {
+			t.Fatalf("answers for commands never sent: %v vs %v", got, want)
+		}
+	})
+}
