@@ -292,8 +292,6 @@ func (s *session) serve(q *queue, u *urb) {
 		resp, err = s.in(q, u)
 	default:
 		err = s.dev.Out(u.ctx, u.addr, u.data)
-		// actual_length of an OUT transfer is the bytes accepted.
-		resp = nil
 	}
 	if err != nil && u.ctx.Err() != nil {
 		// Unlinked (its RET_UNLINK is sent) or the session is ending.
@@ -315,7 +313,7 @@ func (s *session) serve(q *queue, u *urb) {
 	case u.hdr.Direction == dirIn:
 		out, actual = resp, len(resp)
 	default:
-		actual = len(u.data)
+		actual = len(u.data) // an OUT transfer's actual_length: bytes accepted
 	}
 	if !s.completeN(u, status, out, actual) && u.hdr.Direction == dirIn && u.hdr.EP != 0 && len(resp) > 0 {
 		// Unlinked the moment the device answered: keep the data for the
