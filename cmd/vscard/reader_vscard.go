@@ -142,12 +142,14 @@ func (v *vscardSlot) client(ctx context.Context, nc net.Conn) {
 	peer := peerName(nc)
 	log := v.log.With("peer", peer)
 	defer func() {
-		v.mu.Lock()
-		v.host, v.peer, v.atr = nil, "", nil
-		v.mu.Unlock()
+		// Empty the slot before freeing it, so that the next client's card
+		// is never removed by this one's leaving.
 		if had, err := v.app.remove(v.slot); had {
 			log.Info("VSCard client's card removed from the slot", "err", err)
 		}
+		v.mu.Lock()
+		v.host, v.peer, v.atr = nil, "", nil
+		v.mu.Unlock()
 		if ctx.Err() == nil {
 			log.Info("no VSCard client now; waiting for one", "listen", v.addr.String())
 		}
