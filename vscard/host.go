@@ -73,6 +73,17 @@ var (
 	ErrClosed = errors.New("vscard: link closed")
 )
 
+// APDUError is Transmit's error when the client answered the command with
+// an Error message instead of a response: vscclient does when its card
+// cannot process the command, with the code in host byte order
+// (protocols.md §2.3 item 6; 1 is VREADER_NO_CARD there). The card stays
+// inserted: a client whose card went away also sends CardRemove.
+type APDUError struct{ Code ErrorCode }
+
+func (e *APDUError) Error() string {
+	return fmt.Sprintf("vscard: client could not process the APDU: %v", e.Code)
+}
+
 // Host is the reader's side of a VSCard link, the role QEMU's
 // ccid-card-passthru plays: it takes one client connection, answers the
 // handshake as QEMU 7.2 does (protocols.md §1.5), reports the client's
@@ -433,7 +444,7 @@ func (h *Host) handle(ctx context.Context, m Message) error {
 		if h.pending != nil {
 			// vscclient's answer when the card cannot process a command; QEMU
 			// fails the guest's XfrBlock.
-			h.failPendingLocked(fmt.Errorf("vscard: client could not process the APDU: %v", code))
+			h.failPendingLocked(&APDUError{Code: code})
 			return nil
 		}
 		log.Debug("VSCard host: error from client", "code", code)

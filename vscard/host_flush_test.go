@@ -182,3 +182,41 @@ func TestHostWithRealClient(t *testing.T) {
 	}
 	<-served
 }
+
+// TestHostAPDUError: a client's Error answer to an APDU, in vscclient's
+// host byte order, is an *APDUError with the code, and the link and the
+// card stay usable.
+func TestHostAPDUError(t *testing.T) {
+	r := startHost(t, nil)
+	go func() {
+		for range r.h.Events() {
+		}
+	}()
+	r.client.Write(msg(MsgATR, 0, cacATR))
+	expectMsg(t, r.client, MsgError, 0, ErrorPayload(CodeOK))
+	for _, tt := range []struct {
+		payload []byte
+		want    ErrorCode
+	}{
+		{[]byte{1, 0, 0, 0}, CodeGeneralError},     // vscclient, little-endian host
+		{[]byte{0, 0, 0, 2}, CodeCannotAddReaders}, // network order
+		{[]byte{0xFF}, CodeGeneralError},           // malformed
+	} {
+		go func() {
+			expectMsg(t, r.client, MsgAPDU, 0, []byte{0, 1, 2, 3})
+			r.client.Write(msg(MsgError, 0, tt.payload))
+		}()
+		_, err := r.h.Transmit(context.Background(), 0, []byte{0, 1, 2, 3})
+		var ae *APDUError
+		if !errors.As(err, &ae) || ae.Code != tt.want {
+			t.Errorf("Error % X: Transmit err %v, want APDUError %v", tt.payload, err, tt.want)
+		}
+	}
+	go func() {
+		expectMsg(t, r.client, MsgAPDU, 0, []byte{0, 1, 2, 3})
+		r.client.Write(msg(MsgAPDU, 0, []byte{0x90, 0x00}))
+	}()
+	if resp, err := r.h.Transmit(context.Background(), 0, []byte{0, 1, 2, 3}); err != nil || !bytes.Equal(resp, []byte{0x90, 0x00}) {
+		t.Fatalf("after Errors: %X %v", resp, err)
+	}
+}
