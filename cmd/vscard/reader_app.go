@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/vscard/vscard/card"
@@ -70,8 +71,11 @@ type readerSlot struct {
 	// --vscard-listen: the client feeding this slot.
 	vs *vscardSlot
 
+	// mu serialises insert and remove. inserted is apart from it: ccid's
+	// trace hook clears it from inside a command that rd.Remove, called
+	// with mu held, waits for.
 	mu       sync.Mutex
-	inserted bool // the reader has a card in this slot (as far as we put it there)
+	inserted atomic.Bool // the reader has a card in this slot (as far as we put it there)
 }
 
 // newReaderApp opens every source and makes the reader.
@@ -192,6 +196,13 @@ func (a *readerApp) countAPDU(ev ccid.TraceEvent) {
 		a.mu.Lock()
 		a.apdus++
 		a.mu.Unlock()
+		if ev.Err != nil && ev.Slot >= 0 && ev.Slot < len(a.slots) {
+			// ccid takes a card whose Transmit failed out of the slot
+			// (it is gone); keep our view in step, so that "insert" and
+			// the PC/SC bridge's retry put it back.
+			a.slots[ev.Slot].inserted.Store(false)
+			a.log.Warn("the slot's card failed; the reader took it out", "slot", ev.Slot, "err", ev.Err)
+		}
 	}
 	if a.traceEnc == nil {
 		return
@@ -223,16 +234,16 @@ func (a *readerApp) countAPDU(ev ccid.TraceEvent) {
 func (a *readerApp) insert(s *readerSlot, c card.Card) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.inserted {
-		// A card that is there already is a new card now (a reset ATR from
-		// a VSCard client): the host sees it leave and come back.
-		_ = a.rd.Remove(s.idx)
-		s.inserted = false
-	}
+	// A card that is there already is a new card now (a reset ATR from a
+	// VSCard client): the host sees it leave and come back. Also when our
+	// view says empty: a card whose Transmit failed during a host reset
+	// may still sit in the reader.
+	_ = a.rd.Remove(s.idx)
+	s.inserted.Store(false)
 	if err := a.rd.Insert(s.idx, c); err != nil {
 		return err
 	}
-	s.inserted = true
+	s.inserted.Store(true)
 	return nil
 }
 
@@ -240,18 +251,13 @@ func (a *readerApp) insert(s *readerSlot, c card.Card) error {
 func (a *readerApp) remove(s *readerSlot) (bool, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if !s.inserted {
+	if !s.inserted.Swap(false) {
 		return false, nil
 	}
-	s.inserted = false
 	return true, a.rd.Remove(s.idx)
 }
 
-func (s *readerSlot) isInserted() bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.inserted
-}
+func (s *readerSlot) isInserted() bool { return s.inserted.Load() }
 
 // ccidSlot is a reader slot as a passthru.Slot, for the PC/SC bridge. The
 // CCID slot always exists, so a PC/SC reader plugged in or out only
@@ -265,6 +271,11 @@ func (c ccidSlot) AddReader() error          { return nil }
 func (c ccidSlot) RemoveReader() error       { _, err := c.a.remove(c.s); return err }
 func (c ccidSlot) Insert(cd card.Card) error { return c.a.insert(c.s, cd) }
 func (c ccidSlot) Remove() error             { _, err := c.a.remove(c.s); return err }
+
+// HoldsCard tells the bridge whether the reader still has the card: ccid
+// drops a card whose Transmit failed, and the bridge then opens it again
+// if it is still in its PC/SC reader.
+func (c ccidSlot) HoldsCard() bool { return c.s.isInserted() }
 
 // run serves the sources and the exports until ctx ends.
 func (a *readerApp) run(ctx context.Context) error {

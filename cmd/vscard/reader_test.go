@@ -796,3 +796,201 @@ func TestReaderVSCardTLS(t *testing.T) {
 	<-clDone
 	<-runDone
 }
+
+// TestReaderVSCClientQuirks plays vscclient by hand on a --vscard-listen
+// slot: reader_id 0, an Error answer in host byte order for an APDU its
+// card cannot process. Through CCID, that APDU fails (a reader error the
+// guest's driver reports) and the slot keeps serving; a command over 270
+// bytes gets 67 00 without reaching the client; the client's leaving
+// empties the slot. A failed APDU is answered 6F 00 and the card stays:
+// the reader would take out a card whose Transmit fails.
+func TestReaderVSCClientQuirks(t *testing.T) {
+	vsock := filepath.Join(shortDir(t), "v.sock")
+	cfg := &readerConfig{vid: 0x08E6, pid: 0x4433, sources: []sourceSpec{
+		{kind: srcVSCard, arg: "unix:" + vsock, addr: target{Network: "unix", Addr: vsock}}}}
+	app, err := newReaderApp(context.Background(), cfg, slog.New(slog.DiscardHandler), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	runDone := make(chan error, 1)
+	go func() { runDone <- app.run(ctx) }()
+	var c net.Conn
+	waitFor(t, func() bool { c, err = net.Dial("unix", vsock); return err == nil })
+	defer c.Close()
+	send := func(typ vscard.MsgType, payload []byte) {
+		t.Helper()
+		if _, err := c.Write(vscard.AppendMessage(nil, vscard.Message{Type: typ, ReaderID: 0, Payload: payload})); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var buf []byte
+	nread := 0
+	recv := func() vscard.Message {
+		t.Helper()
+		c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		m, b, err := vscard.ReadMessage(c, buf)
+		if err != nil {
+			t.Fatalf("read from the host: %v (after %d messages)", err, nread)
+		}
+		buf = b
+		nread++
+		return m
+	}
+	// vscclient's opening: Init, ReaderAdd (no name), ATR.
+	send(vscard.MsgInit, vscard.InitPayload(0))
+	if m := recv(); m.Type != vscard.MsgInit {
+		t.Fatalf("answer to Init: %v", m.Type)
+	}
+	send(vscard.MsgReaderAdd, nil)
+	recv()
+	atr := []byte{0x3B, 0x7A, 0x18, 0x00, 0x00, 0x73, 0x66, 0x74, 0x65, 0x20, 0x63, 0x64, 0x31, 0x34, 0x34}
+	send(vscard.MsgATR, atr)
+	recv()
+	waitFor(t, func() bool { return app.slots[0].isInserted() })
+
+	h := newCCIDHost(t, app.rd)
+	if got := h.powerOn(0); !bytes.Equal(got, atr) {
+		t.Errorf("ATR % X, want the client's % X", got, atr)
+	}
+	relay := func(cmd []byte, answer func()) (byte, []byte) {
+		t.Helper()
+		type res struct {
+			st   byte
+			resp []byte
+		}
+		ch := make(chan res, 1)
+		go func() {
+			st, _, resp := h.command(0, 0x6F, cmd, [3]byte{})
+			ch <- res{st, resp}
+		}()
+		if answer != nil {
+			m := recv()
+			if m.Type != vscard.MsgAPDU || !bytes.Equal(m.Payload, cmd) {
+				t.Fatalf("client got %v % X, want the APDU % X", m.Type, m.Payload, cmd)
+			}
+			answer()
+		}
+		r := <-ch
+		return r.st, r.resp
+	}
+	// VREADER_NO_CARD as vscclient sends it: host order, 01 00 00 00.
+	st, resp := relay([]byte{0x00, 0xCA, 0x01, 0x00, 0x00}, func() { send(vscard.MsgError, []byte{1, 0, 0, 0}) })
+	if st&0x40 != 0 || !bytes.Equal(resp, []byte{0x6F, 0x00}) {
+		t.Errorf("an APDU the client failed: bStatus %02X, % X; want 6F 00 and the card kept", st, resp)
+	}
+	st, resp = relay([]byte{0x00, 0xB0, 0x00, 0x00, 0x00}, func() { send(vscard.MsgAPDU, []byte{0x6A, 0x82}) })
+	if st&0x40 != 0 || !bytes.Equal(resp, []byte{0x6A, 0x82}) {
+		t.Errorf("next APDU: bStatus %02X, % X", st, resp)
+	}
+	long := append([]byte{0x80, 0x42, 0x00, 0x00, 0x00, 0x01, 0x10}, make([]byte, 272)...)
+	st, resp = relay(long, nil)
+	if st&0x40 != 0 || !bytes.Equal(resp, []byte{0x67, 0x00}) {
+		t.Errorf("%d-byte APDU: bStatus %02X, % X; want 67 00", len(long), st, resp)
+	}
+	// ReaderRemove takes the card out; a disconnect keeps the slot empty.
+	send(vscard.MsgReaderRemove, nil)
+	recv()
+	waitFor(t, func() bool { return !app.slots[0].isInserted() })
+	if h.slotStatus(0) != 2 {
+		t.Error("card still present after ReaderRemove")
+	}
+	c.Close()
+	waitFor(t, func() bool { return strings.Contains(app.handle(ctx, "list"), "no VSCard client (waiting on unix:") })
+	cancel()
+	<-runDone
+}
+
+// failingCard answers power-on and fails every APDU, as a physical card
+// pulled out mid-command does.
+type failingCard struct{}
+
+func (failingCard) ATR() []byte { return []byte{0x3B, 0x00} }
+func (failingCard) PowerOn()    {}
+func (failingCard) PowerOff()   {}
+func (failingCard) Reset()      {}
+func (failingCard) Transmit(context.Context, []byte) ([]byte, error) {
+	return nil, errors.New("card pulled out")
+}
+
+// TestReaderFailedCardLeavesSlot: the reader takes out a card whose
+// Transmit fails; the slot's state follows, so list says empty, "insert"
+// works again and the PC/SC bridge sees the slot no longer holds it.
+func TestReaderFailedCardLeavesSlot(t *testing.T) {
+	cfg := &readerConfig{vid: 0x08E6, pid: 0x4433, sources: []sourceSpec{{kind: srcPCSC, arg: "x"}}}
+	app, err := newReaderApp(context.Background(), cfg, slog.New(slog.DiscardHandler), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := app.slots[0]
+	slot := ccidSlot{app, s}
+	if err := slot.Insert(failingCard{}); err != nil {
+		t.Fatal(err)
+	}
+	h := newCCIDHost(t, app.rd)
+	h.powerOn(0)
+	if st, _, _ := h.command(0, 0x6F, []byte{0, 0xA4, 4, 0, 0}, [3]byte{}); st&0x40 == 0 {
+		t.Fatalf("XfrBlock to a failing card: bStatus %02X, want failed", st)
+	}
+	if slot.HoldsCard() || s.isInserted() {
+		t.Fatal("the slot still claims the failed card")
+	}
+	if !strings.Contains(app.handle(context.Background(), "list"), "slot 0: empty") {
+		t.Errorf("list:\n%s", app.handle(context.Background(), "list"))
+	}
+	if err := slot.Insert(failingCard{}); err != nil || h.slotStatus(0) == 2 {
+		t.Fatalf("insert after the failure: %v, slot status %d", err, h.slotStatus(0))
+	}
+}
+
+// stuckCard answers no APDU until its command is cancelled, then fails.
+type stuckCard struct {
+	failingCard
+	started chan struct{}
+}
+
+func (c stuckCard) Transmit(ctx context.Context, _ []byte) ([]byte, error) {
+	close(c.started)
+	<-ctx.Done()
+	return nil, ctx.Err()
+}
+
+// TestReaderReplaceBusyCard: replacing a card while the host waits on it
+// (a VSCard client's reset ATR, a PC/SC card swapped) neither deadlocks
+// with the trace hook nor leaves the new card out.
+func TestReaderReplaceBusyCard(t *testing.T) {
+	cfg := &readerConfig{vid: 0x08E6, pid: 0x4433, sources: []sourceSpec{{kind: srcPCSC, arg: "x"}}}
+	app, err := newReaderApp(context.Background(), cfg, slog.New(slog.DiscardHandler), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	slot := ccidSlot{app, app.slots[0]}
+	stuck := stuckCard{started: make(chan struct{})}
+	if err := slot.Insert(stuck); err != nil {
+		t.Fatal(err)
+	}
+	h := newCCIDHost(t, app.rd)
+	h.powerOn(0)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		// The host's answer for the old card: failed, whatever the reason.
+		h.command(0, 0x6F, []byte{0, 0xB0, 0, 0, 0}, [3]byte{})
+	}()
+	<-stuck.started
+	inserted := make(chan error, 1)
+	go func() { inserted <- slot.Insert(failingCard{}) }()
+	select {
+	case err := <-inserted:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Insert over a busy card deadlocked")
+	}
+	<-done
+	if !slot.HoldsCard() {
+		t.Error("the new card is not held after replacing a busy one")
+	}
+}

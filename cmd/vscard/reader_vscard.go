@@ -313,6 +313,16 @@ func (c *hostCard) Transmit(ctx context.Context, cmd []byte) ([]byte, error) {
 		c.log.Warn("command APDU too long for a VSCard client; answered 67 00", "len", len(cmd), "limit", vscard.DefaultMaxAPDU)
 		return append([]byte(nil), swWrongLength...), nil
 	}
+	var ae *vscard.APDUError
+	if errors.As(err, &ae) {
+		// The client could not process this one command (vscclient's
+		// Error answer). QEMU fails the XfrBlock; here a Transmit error
+		// would mean the card is gone (the reader takes it out), so the
+		// guest gets "no precise diagnosis" and the card stays: a client
+		// whose card really went away sends CardRemove.
+		c.log.Warn("VSCard client could not process the APDU; answered 6F 00", "code", ae.Code)
+		return []byte{0x6F, 0x00}, nil
+	}
 	if err != nil {
 		return nil, fmt.Errorf("VSCard client: %w", err)
 	}
