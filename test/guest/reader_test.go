@@ -6,6 +6,8 @@ import (
 	"crypto"
 	"crypto/rsa"
 	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
 	"fmt"
 	"net"
 	"os"
@@ -15,6 +17,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -178,6 +181,51 @@ func benchRTT(t *testing.T, s Section) []time.Duration {
 	return d
 }
 
+// pkcs1SHA256Block is the EMSA-PKCS1-v1_5 block (RFC 8017 §9.2) of
+// SHA-256(data) for a k-byte modulus: what a raw-RSA card signs.
+func pkcs1SHA256Block(data []byte, k int) ([]byte, error) {
+	prefix := []byte{0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x01, 0x05, 0x00, 0x04, 0x20}
+	h := sha256.Sum256(data)
+	t := append(prefix, h[:]...)
+	if k < len(t)+11 {
+		return nil, fmt.Errorf("modulus of %d bytes is too short", k)
+	}
+	b := make([]byte, k)
+	b[1] = 0x01
+	for i := 2; i < k-len(t)-1; i++ {
+		b[i] = 0xFF
+	}
+	copy(b[k-len(t):], t)
+	return b, nil
+}
+
+var (
+	guestVscardOnce sync.Once
+	guestVscardBin  []byte
+	guestVscardErr  error
+)
+
+// guestVscard is cmd/vscard built without cgo, so it runs in the guest
+// with nothing but the kernel (its PC/SC client is pure Go).
+func guestVscard(t *testing.T) []byte {
+	t.Helper()
+	guestVscardOnce.Do(func() {
+		out := filepath.Join(binDir, "vscard-static")
+		build := exec.Command("go", "build", "-ldflags=-s -w", "-o", out, "./cmd/vscard")
+		build.Dir = repoRoot
+		build.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if b, err := build.CombinedOutput(); err != nil {
+			guestVscardErr = fmt.Errorf("CGO_ENABLED=0 go build ./cmd/vscard: %w\n%s", err, b)
+			return
+		}
+		guestVscardBin, guestVscardErr = os.ReadFile(out)
+	})
+	if guestVscardErr != nil {
+		t.Fatal(guestVscardErr)
+	}
+	return guestVscardBin
+}
+
 func median(d []time.Duration) time.Duration { return d[len(d)/2] }
 
 // waitListen waits until something accepts on a TCP address (a probe
@@ -232,9 +280,25 @@ func TestGuestReaderUSBRedir(t *testing.T) {
 			"--control", e.ctl, "--no-stdin", "--log-level", "debug", "--trace", filepath.Join(e.dir, "trace.jsonl"))
 	}
 
+	// An extended SIGN for card b's ID key (PKI applet 0, cac.md §4.6):
+	// the PKCS#1 v1.5 block of SHA-256(extData), raw, in one APDU with
+	// a 3-byte Lc and Le 00 00, after SELECT and VERIFY.
+	extData := []byte("vscard reader: one extended APDU, one 386-byte answer")
+	block, err := pkcs1SHA256Block(extData, pubB.Size())
+	if err != nil {
+		t.Fatal(err)
+	}
+	signAPDU := append([]byte{0x80, 0x42, 0x00, 0x00, 0x00, byte(len(block) >> 8), byte(len(block))}, block...)
+	signAPDU = append(signAPDU, 0x00, 0x00)
+	extAPDUs := fmt.Sprintf("00A4040007A0000000790100 00200000%02X%X %X\n", len(testPIN), testPIN, signAPDU)
+
 	cfg := bootConfig(t, "", string(script))
+	// About 2 min of guest work under an idle TCG host; a loaded CI
+	// machine (load 16 on 2 cores) took 4: leave room.
+	cfg.Timeout = 10 * time.Minute
 	cfg.USBRedir = redir
-	cfg.Files = map[string][]byte{"/vscard/pin": []byte(testPIN), "/vscard/reader-lib.sh": lib}
+	cfg.Files = map[string][]byte{"/vscard/pin": []byte(testPIN), "/vscard/reader-lib.sh": lib,
+		"/vscard/vscard": guestVscard(t), "/vscard/ext-apdus": []byte(extAPDUs)}
 	g := startGuest(t, cfg, e.hostLog)
 	// QEMU creates its listening socket at start; vscard reader dials it
 	// (and would retry with backoff if it came first).
@@ -283,6 +347,39 @@ func TestGuestReaderUSBRedir(t *testing.T) {
 			t.Errorf("slot 1's ID certificate read in the guest is not card b's (RSA-3072)")
 		}
 		t.Logf("signatures of both slots verified with their own cards' certificates (%s)", since())
+	})
+	t.Run("rsa3072-extended-response-over-374", func(t *testing.T) {
+		s := g.step(t, "ext-sign")
+		var results []struct {
+			Command   string `json:"command"`
+			Exchanges []struct {
+				Sent     string `json:"sent"`
+				Received string `json:"received"`
+			} `json:"exchanges"`
+			Response string `json:"response"`
+			SW       string `json:"sw"`
+		}
+		if err := json.Unmarshal([]byte(s.Output), &results); err != nil || len(results) != 3 {
+			t.Fatalf("vscard apdu --json in the guest: %v, %d results:\n%s", err, len(results), s.Output)
+		}
+		if results[1].SW != "9000" {
+			t.Fatalf("VERIFY answered %s", results[1].SW)
+		}
+		sign := results[2]
+		if len(sign.Exchanges) != 1 {
+			t.Fatalf("the extended SIGN took %d exchanges, want 1: %+v", len(sign.Exchanges), sign.Exchanges)
+		}
+		resp, err := hex.DecodeString(sign.Exchanges[0].Received)
+		if err != nil || len(resp) < 2 {
+			t.Fatalf("SIGN response %q: %v", sign.Exchanges[0].Received, err)
+		}
+		if len(resp) <= 374 || sign.SW != "9000" {
+			t.Fatalf("SIGN answered %d bytes (SW %s), want the whole 384-byte signature and 90 00 in one response", len(resp), sign.SW)
+		}
+		if err := verifyPKCS1SHA256WithKey(pubB, extData, resp[:len(resp)-2]); err != nil {
+			t.Fatalf("the 3072-bit signature from the extended APDU does not verify: %v", err)
+		}
+		t.Logf("RSA-3072 signature in one %d-byte response through usbredir, verified (%s)", len(resp), since())
 	})
 	t.Run("bench-usbredir", func(t *testing.T) {
 		s := g.step(t, "bench-usbredir")
