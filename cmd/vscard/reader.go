@@ -301,11 +301,7 @@ func parseReaderFlags(args []string, stderr io.Writer) (*readerConfig, error) {
 // HOST:PORT. An empty host is loopback, never every interface: a card
 // reader must not be reachable from the network by accident.
 func parseListenAddr(s string) (target, error) {
-	t, err := parseTarget(s)
-	if err != nil {
-		return t, err
-	}
-	return t, nil // parseTarget already maps an empty host to 127.0.0.1
+	return parseTarget(s) // it maps an empty host to 127.0.0.1
 }
 
 // parseUSBIPAddr reads --usbip HOST:PORT, HOST (port 3240) or :PORT
@@ -377,6 +373,9 @@ func runReader(ctx context.Context, env *environ, args []string) error {
 	}
 	defer app.close()
 	app.level = &level
+	if err := app.prepare(); err != nil {
+		return err
+	}
 
 	ctlPath := cfg.control
 	if ctlPath == "" {

@@ -32,10 +32,13 @@ type readerApp struct {
 	level *slog.LevelVar
 	quit  context.CancelFunc
 
-	rd    *ccid.Reader
-	slots []*readerSlot
-	att   attachment // which export has the reader
-	dbs   []*nss.DB  // closed by close
+	rd       *ccid.Reader
+	slots    []*readerSlot
+	prepared bool
+	lns      []net.Listener                    // opened by prepare; closed by close
+	tasks    []func(ctx context.Context) error // started by run
+	att      attachment                        // which export has the reader
+	dbs      []*nss.DB                         // closed by close
 
 	traceMu  sync.Mutex
 	traceEnc *json.Encoder
@@ -171,6 +174,9 @@ func pcscWanted(r string) string {
 
 // close releases what newReaderApp opened.
 func (a *readerApp) close() {
+	for _, ln := range a.lns {
+		ln.Close()
+	}
 	for _, db := range a.dbs {
 		db.Close()
 	}
@@ -277,13 +283,57 @@ func (c ccidSlot) Remove() error             { _, err := c.a.remove(c.s); return
 // if it is still in its PC/SC reader.
 func (c ccidSlot) HoldsCard() bool { return c.s.isInserted() }
 
+// prepare opens every listener (VSCard slots, usbredir --listen, USB/IP)
+// and registers the exports, so that a listen failure is a startup error
+// and "status" shows every export as soon as the control socket answers.
+// run calls it if the caller has not.
+func (a *readerApp) prepare() error {
+	if a.prepared {
+		return nil
+	}
+	a.prepared = true
+	for _, s := range a.slots {
+		if s.vs != nil {
+			ln, err := s.vs.listen()
+			if err != nil {
+				return err
+			}
+			a.lns = append(a.lns, ln)
+			a.tasks = append(a.tasks, func(ctx context.Context) error { return s.vs.serve(ctx, ln) })
+		}
+	}
+	if t := a.cfg.usbredir; t != nil {
+		f, err := a.usbredirExport(*t)
+		if err != nil {
+			return err
+		}
+		a.tasks = append(a.tasks, f)
+	}
+	if a.cfg.usbip != "" {
+		f, err := a.usbipExport(a.cfg.usbip, a.cfg.busid)
+		if err != nil {
+			return err
+		}
+		a.tasks = append(a.tasks, f)
+	}
+	for _, s := range a.slots {
+		if s.bridge != nil {
+			a.tasks = append(a.tasks, s.bridge.Run)
+		}
+	}
+	return nil
+}
+
 // run serves the sources and the exports until ctx ends.
 func (a *readerApp) run(ctx context.Context) error {
+	if err := a.prepare(); err != nil {
+		return err
+	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	var wg sync.WaitGroup
-	errc := make(chan error, 8)
-	start := func(f func(ctx context.Context) error) {
+	errc := make(chan error, len(a.tasks))
+	for _, f := range a.tasks {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -292,45 +342,6 @@ func (a *readerApp) run(ctx context.Context) error {
 				cancel()
 			}
 		}()
-	}
-	// Listeners first: a failure to listen is a startup error.
-	for _, s := range a.slots {
-		if s.vs != nil {
-			ln, err := s.vs.listen()
-			if err != nil {
-				cancel()
-				wg.Wait()
-				return err
-			}
-			start(func(ctx context.Context) error { return s.vs.serve(ctx, ln) })
-		}
-	}
-	var exports []func(ctx context.Context) error
-	if t := a.cfg.usbredir; t != nil {
-		f, err := a.usbredirExport(*t)
-		if err != nil {
-			cancel()
-			wg.Wait()
-			return err
-		}
-		exports = append(exports, f)
-	}
-	if a.cfg.usbip != "" {
-		f, err := a.usbipExport(a.cfg.usbip, a.cfg.busid)
-		if err != nil {
-			cancel()
-			wg.Wait()
-			return err
-		}
-		exports = append(exports, f)
-	}
-	for _, s := range a.slots {
-		if s.bridge != nil {
-			start(s.bridge.Run)
-		}
-	}
-	for _, f := range exports {
-		start(f)
 	}
 	a.log.Info("vscard reader running", "slots", len(a.slots), "vid_pid", fmt.Sprintf("%04x:%04x", a.cfg.vid, a.cfg.pid),
 		"sources", a.sourceList())
@@ -353,10 +364,10 @@ func (a *readerApp) sourceList() string {
 }
 
 // export registers an export for status.
-func (a *readerApp) export(name, addr string) *exportState {
+func (a *readerApp) export(name, addr, state string) *exportState {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	e := &exportState{name: name, addr: addr, state: "starting"}
+	e := &exportState{name: name, addr: addr, state: state}
 	a.exps = append(a.exps, e)
 	return e
 }
@@ -539,10 +550,14 @@ func (a *readerApp) status() string {
 
 // attachment is the rule that the reader, one USB device, is attached to
 // one importer at a time: QEMU over usbredir or a USB/IP client. The
-// other export refuses or waits until it is released.
+// other export refuses or waits until it is released. Claims by the same
+// export are counted: two USB/IP connections may both ask to import (the
+// server answers the second DEV_BUSY), and the first must keep the reader
+// when the second closes.
 type attachment struct {
 	mu  sync.Mutex
 	who string
+	n   int
 }
 
 // acquire claims the reader for who; it fails, naming the holder, when
@@ -550,18 +565,23 @@ type attachment struct {
 func (t *attachment) acquire(who string) (bool, string) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if t.who != "" && t.who != who {
+	if t.n > 0 && t.who != who {
 		return false, t.who
 	}
 	t.who = who
+	t.n++
 	return true, ""
 }
 
+// release gives back one claim of who.
 func (t *attachment) release(who string) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if t.who == who {
-		t.who = ""
+	if t.n > 0 && t.who == who {
+		t.n--
+		if t.n == 0 {
+			t.who = ""
+		}
 	}
 }
 

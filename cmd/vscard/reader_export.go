@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/vscard/vscard/internal/netutil"
@@ -31,14 +32,16 @@ const (
 // usbredirExport prepares --usbredir: it listens at once with --listen
 // (a listen failure is a startup error), and returns the loop to run.
 func (a *readerApp) usbredirExport(t target) (func(ctx context.Context) error, error) {
-	e := a.export("usbredir", t.String())
 	if !a.cfg.usbredirListen {
+		e := a.export("usbredir", t.String(), "QEMU not connected yet (connecting)")
 		return func(ctx context.Context) error { return a.usbredirDial(ctx, t, e) }, nil
 	}
 	ln, err := listenTarget(t)
 	if err != nil {
 		return nil, fmt.Errorf("--usbredir --listen: %w", err)
 	}
+	a.lns = append(a.lns, ln)
+	e := a.export("usbredir", t.String(), "QEMU not connected yet (listening)")
 	return func(ctx context.Context) error { return a.usbredirListen(ctx, ln, t, e) }, nil
 }
 
@@ -132,6 +135,7 @@ func (a *readerApp) usbredirListen(ctx context.Context, ln net.Listener, t targe
 	a.setExport(e, "QEMU not connected yet (listening)", "")
 	a.log.Info("QEMU not connected yet; waiting for it on the usbredir socket", "listen", t.String())
 	delay := 5 * time.Millisecond
+	var busy atomic.Bool // a QEMU is served
 	for {
 		nc, err := ln.Accept()
 		if err != nil {
@@ -146,16 +150,22 @@ func (a *readerApp) usbredirListen(ctx context.Context, ln net.Listener, t targe
 			return fmt.Errorf("--usbredir --listen: accept: %w", err)
 		}
 		delay = 5 * time.Millisecond
+		if busy.Load() {
+			// usbredir carries one device to one peer.
+			a.log.Warn("a second QEMU connected over usbredir while one is served; closing it", "peer", peerName(nc))
+			nc.Close()
+			continue
+		}
 		if ok, who := a.att.acquire("usbredir"); !ok {
-			// The other export has the reader, or a QEMU is already
-			// served: usbredir carries one device to one peer.
 			a.log.Warn("QEMU connected over usbredir while the reader is attached over "+who+"; closing the connection", "peer", peerName(nc))
 			nc.Close()
 			continue
 		}
+		busy.Store(true)
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
+			defer busy.Store(false)
 			a.usbredirSession(ctx, nc, e)
 			if ctx.Err() == nil {
 				a.setExport(e, "QEMU not connected (listening)", "")
@@ -176,7 +186,8 @@ func (a *readerApp) usbipExport(addr, busid string) (func(ctx context.Context) e
 	if err != nil {
 		return nil, fmt.Errorf("--usbip: listen on %s: %w", addr, err)
 	}
-	e := a.export("usbip", ln.Addr().String()+" busid "+busid)
+	a.lns = append(a.lns, ln)
+	e := a.export("usbip", ln.Addr().String()+" busid "+busid, "no USB/IP client attached yet")
 	a.mu.Lock()
 	a.usbipAddr = ln.Addr()
 	a.mu.Unlock()

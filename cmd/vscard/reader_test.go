@@ -457,6 +457,12 @@ func TestReaderVSCardTooLong(t *testing.T) {
 	}
 }
 
+// app sends a control command and returns the answer ("" on error).
+func app(ctx context.Context, sock, cmd string) string {
+	a, _ := ctl.Send(ctx, sock, cmd)
+	return a
+}
+
 // TestReaderCommandLine runs the command itself: it starts, listens for
 // QEMU on a usbredir socket, answers the control socket, says what it
 // waits for, and exits 0 on SIGTERM (ctx cancelled).
@@ -486,6 +492,30 @@ func TestReaderCommandLine(t *testing.T) {
 		if !strings.Contains(a, want) {
 			t.Errorf("status lacks %q:\n%s", want, a)
 		}
+	}
+	// QEMU connects in (a client chardev): it gets usbredir's hello; a
+	// second QEMU meanwhile is closed at once.
+	q1, err := net.Dial("unix", redir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer q1.Close()
+	q1.SetReadDeadline(time.Now().Add(5 * time.Second))
+	var hello [4]byte
+	if _, err := io.ReadFull(q1, hello[:]); err != nil || binary.LittleEndian.Uint32(hello[:]) != 0 {
+		t.Fatalf("first QEMU: % X, %v; want a hello", hello, err)
+	}
+	q2, err := net.Dial("unix", redir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	q2.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if n, err := q2.Read(make([]byte, 64)); err == nil || n != 0 {
+		t.Errorf("second QEMU: read %d bytes, %v; want the connection closed", n, err)
+	}
+	q2.Close()
+	if !strings.Contains(app(ctx, sock, "status"), "attached: over usbredir") {
+		t.Error("status does not show the reader attached over usbredir")
 	}
 	io.WriteString(stdinW, "remove\n")
 	waitFor(t, func() bool { return strings.Contains(stdout.String(), "slot 0: card removed") })
@@ -592,6 +622,17 @@ func TestReaderOneImporter(t *testing.T) {
 	waitFor(t, func() bool {
 		return strings.Contains(app.handle(ctx, "status"), "waiting: the reader is attached over usbip")
 	})
+	// A second import is busy (the server's answer), and its closing
+	// leaves the first one's claim alone.
+	imp2, st := usbipImport(t, addr, "1-1")
+	if st <= 0 {
+		t.Fatalf("second import: status %d, want busy", st)
+	}
+	imp2.Close()
+	time.Sleep(100 * time.Millisecond)
+	if who := app.att.holder(); who != "usbip" {
+		t.Fatalf("after a refused second import the reader is held by %q", who)
+	}
 	imp.Close()
 	waitFor(t, func() bool { return app.att.holder() != "usbip" })
 
