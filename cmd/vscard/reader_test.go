@@ -1035,3 +1035,147 @@ func TestReaderReplaceBusyCard(t *testing.T) {
 		t.Error("the new card is not held after replacing a busy one")
 	}
 }
+
+// usbipURB is a minimal USB/IP client on an imported connection
+// (protocols.md §5): one URB at a time.
+type usbipURB struct {
+	t     *testing.T
+	c     net.Conn
+	devid uint32
+	seq   uint32
+}
+
+// submit sends CMD_SUBMIT and returns RET_SUBMIT's status and IN data.
+func (u *usbipURB) submit(dirIn bool, ep uint32, setup []byte, out []byte, inLen int) (int32, []byte) {
+	u.t.Helper()
+	u.seq++
+	h := make([]byte, 48)
+	binary.BigEndian.PutUint32(h[0:], 1)
+	binary.BigEndian.PutUint32(h[4:], u.seq)
+	binary.BigEndian.PutUint32(h[8:], u.devid)
+	dir, n := uint32(0), uint32(len(out))
+	if dirIn {
+		dir, n = 1, uint32(inLen)
+	}
+	binary.BigEndian.PutUint32(h[12:], dir)
+	binary.BigEndian.PutUint32(h[16:], ep)
+	binary.BigEndian.PutUint32(h[24:], n)
+	copy(h[40:], setup)
+	if _, err := u.c.Write(append(h, out...)); err != nil {
+		u.t.Fatal(err)
+	}
+	u.c.SetReadDeadline(time.Now().Add(20 * time.Second))
+	r := make([]byte, 48)
+	if _, err := io.ReadFull(u.c, r); err != nil {
+		u.t.Fatalf("RET_SUBMIT: %v", err)
+	}
+	if binary.BigEndian.Uint32(r[0:]) != 3 || binary.BigEndian.Uint32(r[4:]) != u.seq {
+		u.t.Fatalf("reply % X to seq %d", r[:8], u.seq)
+	}
+	st := int32(binary.BigEndian.Uint32(r[20:]))
+	var data []byte
+	if dirIn {
+		data = make([]byte, binary.BigEndian.Uint32(r[24:]))
+		if _, err := io.ReadFull(u.c, data); err != nil {
+			u.t.Fatal(err)
+		}
+	}
+	return st, data
+}
+
+// ccid sends one CCID command on bulk OUT 3 and reads the answer on bulk
+// IN 2, skipping time extensions.
+func (u *usbipURB) ccid(slot byte, typ byte, data []byte) (byte, []byte) {
+	u.t.Helper()
+	f := make([]byte, 10, 10+len(data))
+	f[0] = typ
+	binary.LittleEndian.PutUint32(f[1:], uint32(len(data)))
+	f[5], f[6] = slot, byte(u.seq)
+	f = append(f, data...)
+	if st, _ := u.submit(false, 3, nil, f, 0); st != 0 {
+		u.t.Fatalf("bulk OUT status %d", st)
+	}
+	for {
+		st, msg := u.submit(true, 2, nil, nil, 65546)
+		if st != 0 || len(msg) < 10 {
+			u.t.Fatalf("bulk IN status %d, % X", st, msg)
+		}
+		if msg[7]&0xC0 == 0x80 {
+			continue
+		}
+		return msg[7], msg[10:]
+	}
+}
+
+// TestReaderUSBIPEndToEnd runs "vscard reader --usbip" with two cards and
+// plays the kernel's vhci over TCP: import the bus id, configure the
+// device, power each slot on and SELECT the CAC ACA; the log names what
+// the reader waited for.
+func TestReaderUSBIPEndToEnd(t *testing.T) {
+	cardDir := testCard(t)
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+	d := shortDir(t)
+	sock := filepath.Join(d, "ctl.sock")
+	var stdout, stderr syncBuffer
+	env := &environ{stdin: strings.NewReader(""), stdout: &stdout, stderr: &stderr}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan error, 1)
+	go func() {
+		done <- runReader(ctx, env, []string{"--usbip", addr, "--busid", "3-2", "--card", cardDir, "--card", cardDir,
+			"--vid-pid", "1234:5678", "--control", sock, "--no-stdin"})
+	}()
+	var c net.Conn
+	waitFor(t, func() bool { c, err = net.Dial("tcp", addr); return err == nil })
+	defer c.Close()
+	var busid [32]byte
+	copy(busid[:], "3-2")
+	c.Write(append([]byte{0x01, 0x11, 0x80, 0x03, 0, 0, 0, 0}, busid[:]...))
+	rep := make([]byte, 8+312)
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.ReadFull(c, rep); err != nil || binary.BigEndian.Uint32(rep[4:]) != 0 {
+		t.Fatalf("import: % X %v", rep[:8], err)
+	}
+	rec := rep[8:]
+	if vid, pid := binary.BigEndian.Uint16(rec[0x12C:]), binary.BigEndian.Uint16(rec[0x12E:]); vid != 0x1234 || pid != 0x5678 {
+		t.Errorf("device %04x:%04x, want --vid-pid 1234:5678", vid, pid)
+	}
+	u := &usbipURB{t: t, c: c, devid: binary.BigEndian.Uint32(rec[0x120:])<<16 | binary.BigEndian.Uint32(rec[0x124:])}
+	// SET_CONFIGURATION(bConfigurationValue).
+	setup := usb.Setup{Request: usb.ReqSetConfiguration, Value: uint16(rec[0x135])}.Bytes()
+	if st, _ := u.submit(false, 0, setup, nil, 0); st != 0 {
+		t.Fatalf("SET_CONFIGURATION: status %d", st)
+	}
+	for slot := byte(0); slot < 2; slot++ {
+		st, atr := u.ccid(slot, 0x62, nil)
+		if st&0x40 != 0 || len(atr) < 2 {
+			t.Fatalf("slot %d power on: bStatus %02X, ATR % X", slot, st, atr)
+		}
+		st, resp := u.ccid(slot, 0x6F, fakehost.SelectACA)
+		if st&0x40 != 0 || !bytes.Equal(resp, []byte{0x61, 0x0D}) {
+			t.Errorf("slot %d SELECT ACA: bStatus %02X, % X", slot, st, resp)
+		}
+	}
+	if a := app(ctx, sock, "status"); !strings.Contains(a, "attached: over usbip") || !strings.Contains(a, "USB/IP client attached") {
+		t.Errorf("status:\n%s", a)
+	}
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("runReader: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("runReader did not return")
+	}
+	for _, want := range []string{"no USB/IP client attached yet; waiting for one", "USB/IP client attached the reader", "usbip --tcp-port"} {
+		if !strings.Contains(stderr.String(), want) {
+			t.Errorf("log lacks %q:\n%s", want, stderr.String())
+		}
+	}
+}
