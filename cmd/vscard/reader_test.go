@@ -340,6 +340,8 @@ func TestReaderSources(t *testing.T) {
 		})
 	}
 	h.t = t
+	// A VERIFY through the reader: the PIN never reaches the trace.
+	h.xfr(0, []byte{0x00, 0x20, 0x00, 0x80, 0x08, '1', '2', '3', '4', '5', '6', 0xFF, 0xFF})
 	if n := cl.Status().APDUs; n != 1 {
 		t.Errorf("the VSCard client answered %d APDUs, want 1", n)
 	}
@@ -397,8 +399,11 @@ func TestReaderSources(t *testing.T) {
 	if !strings.Contains(logBuf.String(), "waiting for one") {
 		t.Errorf("log does not say what the VSCard slot waits for:\n%s", logBuf.String())
 	}
-	if !strings.Contains(trace.String(), `"event":"apdu"`) {
-		t.Errorf("trace has no APDU:\n%s", trace.String())
+	if !strings.Contains(trace.String(), `"event":"apdu"`) || !strings.Contains(trace.String(), `"command":"00200080","redacted":9`) {
+		t.Errorf("trace lacks the APDUs:\n%s", trace.String())
+	}
+	if strings.Contains(trace.String(), "313233343536") {
+		t.Errorf("trace holds the PIN:\n%s", trace.String())
 	}
 }
 
