@@ -573,9 +573,10 @@ func TestGuestReaderCCIDBench(t *testing.T) {
 	r, c := median(redirBench), median(ccid)
 	t.Logf("median APDU round trip in the guest: usbredir %v, usb-ccid %v (ratio %.2f)", r, c, float64(r)/float64(c))
 	fmt.Fprintf(os.Stderr, "GUEST-APDU-RTT usbredir/usb-ccid: %.2f\n", float64(r)/float64(c))
-	// Measured on the 2-core dev machine: 0.85 under load 16, 2.03 when
-	// quieter (1.74 ms vs 0.86 ms); usbredir carries every CCID message as
-	// a bulk OUT and a bulk IN request, each a round trip to the reader.
+	// Measured on the 2-core dev machine, TCG: 0.85, 2.03 and 1.08 in
+	// three runs (medians 1.0-1.7 ms against 0.86-1.8 ms); usbredir
+	// carries every CCID message as a bulk OUT and a bulk IN request, each
+	// a round trip to the reader process.
 	if r > 3*c {
 		t.Errorf("usbredir path (%v) is more than 3 times as slow as usb-ccid (%v)", r, c)
 	}
