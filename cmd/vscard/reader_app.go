@@ -402,8 +402,7 @@ func (a *readerApp) handle(ctx context.Context, line string) string {
 			}
 			slots = a.slots[n : n+1]
 		}
-		var out []string
-		fails := 0
+		var out, fails []string
 		for _, s := range slots {
 			var msg string
 			var err error
@@ -413,15 +412,16 @@ func (a *readerApp) handle(ctx context.Context, line string) string {
 				msg, err = a.removeCmd(s)
 			}
 			if err != nil {
-				fails++
-				msg = "error: " + err.Error()
+				fails = append(fails, fmt.Sprintf("slot %d: %v", s.idx, err))
+				out = append(out, fmt.Sprintf("slot %d: error: %v", s.idx, err))
+				continue
 			}
 			out = append(out, fmt.Sprintf("slot %d: %s", s.idx, msg))
 		}
-		if fails == len(slots) {
+		if len(fails) == len(slots) {
 			// One line that starts with "error:", so that 'vscard ctl'
 			// exits non-zero.
-			return "error: " + strings.Join(out, "; ")
+			return "error: " + strings.Join(fails, "; ")
 		}
 		return strings.Join(out, "\n")
 	case "list":

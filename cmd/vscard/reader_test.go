@@ -352,7 +352,7 @@ func TestReaderSources(t *testing.T) {
 		present   []bool // per slot after the command (first two slots)
 	}{
 		{"remove 0", "slot 0: card removed", []bool{false, true}},
-		{"remove 0", "error: slot 0: error: no card inserted", []bool{false, true}},
+		{"remove 0", "error: slot 0: no card inserted", []bool{false, true}},
 		{"insert 0", "slot 0: card inserted", []bool{true, true}},
 		{"remove 1", "slot 1: card removed", []bool{true, false}},
 		{"insert 1", "slot 1: card inserted", []bool{true, true}},
