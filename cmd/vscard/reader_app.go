@@ -202,10 +202,12 @@ func (a *readerApp) countAPDU(ev ccid.TraceEvent) {
 		a.mu.Lock()
 		a.apdus++
 		a.mu.Unlock()
-		if ev.Err != nil && ev.Slot >= 0 && ev.Slot < len(a.slots) {
+		cancelled := errors.Is(ev.Err, context.Canceled) || errors.Is(ev.Err, context.DeadlineExceeded)
+		if ev.Err != nil && !cancelled && ev.Slot >= 0 && ev.Slot < len(a.slots) {
 			// ccid takes a card whose Transmit failed out of the slot
 			// (it is gone); keep our view in step, so that "insert" and
-			// the PC/SC bridge's retry put it back.
+			// the PC/SC bridge's retry put it back. A command cancelled
+			// by an abort or a host reset leaves the card where it is.
 			a.slots[ev.Slot].inserted.Store(false)
 			a.log.Warn("the slot's card failed; the reader took it out", "slot", ev.Slot, "err", ev.Err)
 		}

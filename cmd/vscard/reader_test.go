@@ -1184,3 +1184,43 @@ func TestReaderUSBIPEndToEnd(t *testing.T) {
 		}
 	}
 }
+
+// TestReaderAbortKeepsCard: a host's ABORT cancels the slot's command;
+// the card stays in the reader and in the slot's view.
+func TestReaderAbortKeepsCard(t *testing.T) {
+	cfg := &readerConfig{vid: 0x08E6, pid: 0x4433, sources: []sourceSpec{{kind: srcPCSC, arg: "x"}}}
+	app, err := newReaderApp(context.Background(), cfg, slog.New(slog.DiscardHandler), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	slot := ccidSlot{app, app.slots[0]}
+	stuck := stuckCard{started: make(chan struct{})}
+	if err := slot.Insert(stuck); err != nil {
+		t.Fatal(err)
+	}
+	h := newCCIDHost(t, app.rd)
+	h.powerOn(0)
+	type res struct{ st, e byte }
+	ch := make(chan res, 1)
+	go func() {
+		st, e, _ := h.command(0, 0x6F, []byte{0, 0xB0, 0, 0, 0}, [3]byte{})
+		ch <- res{st, e}
+	}()
+	<-stuck.started
+	// ABORT class request: wValue = bSeq<<8 | bSlot (CCID 1.1 §5.3.1).
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := app.rd.Control(ctx, usb.Setup{RequestType: 0x21, Request: 0x01, Value: uint16(h.seq+1) << 8}, nil); err != nil {
+		t.Fatalf("ABORT: %v", err)
+	}
+	r := <-ch
+	if r.st&0x40 == 0 {
+		t.Errorf("aborted XfrBlock: bStatus %02X, want failed", r.st)
+	}
+	if !slot.HoldsCard() {
+		t.Error("an aborted command took the card out of the slot's view")
+	}
+	if h.slotStatus(0) == 2 {
+		t.Error("an aborted command took the card out of the reader")
+	}
+}
