@@ -472,6 +472,47 @@ func TestGuestReaderUSBRedir(t *testing.T) {
 	}
 }
 
+// TestGuestReaderUSBRedirListen: the other direction of the usbredir link,
+// `vscard reader --usbredir unix:PATH --listen` with QEMU's chardev
+// connecting in; the guest signs with the card.
+func TestGuestReaderUSBRedirListen(t *testing.T) {
+	requireGuest(t)
+	script, err := os.ReadFile("testdata/reader-listen.sh")
+	if err != nil {
+		t.Fatal(err)
+	}
+	lib, err := os.ReadFile("testdata/reader-lib.sh")
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := newReaderEnv(t)
+	cardA, pubA, _ := e.card("a", "")
+	sock := filepath.Join(e.dir, "usbredir.sock")
+	reader := startProc(t, e.hostLog, false, vscardBin, "reader", "--usbredir", "unix:"+sock, "--listen",
+		"--card", cardA, "--control", e.ctl, "--no-stdin", "--log-level", "debug")
+	// QEMU's client chardev would also retry, but a socket that is there
+	// from the start keeps the boot's timing out of it.
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		if _, err := os.Stat(sock); err == nil {
+			break
+		}
+		if reader.exited() || time.Now().After(deadline) {
+			t.Fatalf("vscard reader --listen made no socket %s: %v\n%s", sock, reader.err, fileTail(e.hostLog, 20))
+		}
+	}
+	cfg := bootConfig(t, "", string(script))
+	cfg.USBRedir, cfg.USBRedirConnect = "unix:"+sock, true
+	cfg.Files = map[string][]byte{"/vscard/pin": []byte(testPIN), "/vscard/reader-lib.sh": lib}
+	g := startGuest(t, cfg, e.hostLog)
+	g.step(t, "card-0")
+	data := decodeB64(t, g.step(t, "data"))
+	g.verified(t, "sig-0", pubA, data)
+	g.finish(t)
+	if reader.exited() {
+		t.Errorf("vscard reader exited by itself: %v", reader.err)
+	}
+}
+
 // TestGuestReaderUSBIP: the guest loads vhci-hcd, attaches `vscard reader
 // --usbip` with the stock usbip tool over QEMU user networking that
 // reaches nothing but the reader (restrict=on; one guestfwd to
@@ -600,10 +641,13 @@ func TestUSBRedirArgs(t *testing.T) {
 		{"/tmp/r.sock", nil, true},
 	}
 	for _, tt := range tests {
-		got, err := usbRedirArgs(tt.target)
+		got, err := usbRedirArgs(tt.target, false)
 		if (err != nil) != tt.err || !slices.Equal(got, tt.want) {
 			t.Errorf("usbRedirArgs(%q) = %q, %v; want %q, error %v", tt.target, got, err, tt.want, tt.err)
 		}
+	}
+	if got, _ := usbRedirArgs("unix:/tmp/r.sock", true); !slices.Contains(got, "socket,id=usbredir,path=/tmp/r.sock,server=off,reconnect=1") {
+		t.Errorf("usbRedirArgs(connect) = %q, want a client chardev that reconnects", got)
 	}
 	// The fake QEMU prints its command line: one qemu-xhci, both devices,
 	// the extra options last, and /init told a reader will come.

@@ -39,6 +39,10 @@ type Config struct {
 	// for a reader that lives outside QEMU. /init waits for the reader's
 	// 08e6:4433 device and starts pcscd, as it does for usb-ccid.
 	USBRedir string
+	// USBRedirConnect makes QEMU connect to USBRedir instead of listening
+	// there (server=off, reconnect=1): the peer listens, as `vscard
+	// reader --listen` does.
+	USBRedirConnect bool
 
 	// QEMUArgs are extra QEMU options, appended as they are (e.g. the
 	// user-mode network a USB/IP test needs).
@@ -176,7 +180,7 @@ func Start(ctx context.Context, cfg Config) (*VM, error) {
 	if err != nil {
 		return nil, err
 	}
-	redir, err := usbRedirArgs(cfg.USBRedir)
+	redir, err := usbRedirArgs(cfg.USBRedir, cfg.USBRedirConnect)
 	if err != nil {
 		return nil, err
 	}
@@ -332,13 +336,18 @@ func chardevArgs(target string) ([]string, error) {
 // listening chardev and a usb-redir device on the xHCI bus. nodelay=on
 // for the same reason as the passthru chardev: a usbredir packet is a
 // header and a payload, and an APDU round trip is several packets.
-func usbRedirArgs(target string) ([]string, error) {
+func usbRedirArgs(target string, connect bool) ([]string, error) {
 	if target == "" {
 		return nil, nil
 	}
 	sock, err := socketChardev("usbredir", target)
 	if err != nil {
 		return nil, err
+	}
+	if connect {
+		// A client chardev that dials again every second after the peer
+		// goes away.
+		sock = strings.Replace(sock, "server=on,wait=off", "server=off,reconnect=1", 1)
 	}
 	return []string{
 		"-chardev", sock,
