@@ -551,7 +551,7 @@ func TestConnectQuitCommand(t *testing.T) {
 	out.Reset()
 	code = run(context.Background(), &environ{stdin: strings.NewReader(""), stdout: &out, stderr: &out},
 		[]string{"ctl", "--control", sock, "status"})
-	if code != exitError || !strings.Contains(out.String(), "is vscard connect running?") {
+	if code != exitError || !strings.Contains(out.String(), "is vscard connect or vscard reader running?") {
 		t.Errorf("ctl with no process: exit %d: %s", code, out.String())
 	}
 }

@@ -12,7 +12,7 @@ import (
 
 const ctlUsage = `usage: vscard ctl [--control PATH] COMMAND [ARGS]
 
-Sends one command to a running 'vscard connect' through its control socket
+Sends one command to a running 'vscard connect' or 'vscard reader' through its control socket
 and prints the answer; exits 1 if the command failed. Without --control, the
 only live socket in ` + "`%s`" + ` is used.
 
@@ -50,7 +50,7 @@ func runCtl(ctx context.Context, env *environ, args []string) error {
 	answer, err := ctl.Send(ctx, path, strings.Join(fs.Args(), " "))
 	if err != nil {
 		if errors.Is(err, ctl.ErrNotRunning) {
-			return fmt.Errorf("%v: is vscard connect running? (it prints its control socket at start)", err)
+			return fmt.Errorf("%v: is vscard connect or vscard reader running? (each prints its control socket at start)", err)
 		}
 		return err
 	}

@@ -46,7 +46,7 @@ const maxAnswer = 1 << 20
 const ioTimeout = 10 * time.Second
 
 // ErrNotRunning reports that nothing listens on the socket.
-var ErrNotRunning = errors.New("ctl: no vscard connect is listening")
+var ErrNotRunning = errors.New("ctl: no vscard connect or vscard reader is listening")
 
 // Handler answers one command line (without its newline). An answer for a
 // failed command should start with "error:".
@@ -258,7 +258,7 @@ func Find(dir string) (string, error) {
 	}
 	switch len(socks) {
 	case 0:
-		return "", fmt.Errorf("%w: no control socket in %s; is vscard connect running?", ErrNotRunning, dir)
+		return "", fmt.Errorf("%w: no control socket in %s; is vscard connect or vscard reader running?", ErrNotRunning, dir)
 	case 1:
 		return socks[0], nil
 	}
