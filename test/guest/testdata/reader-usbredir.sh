@@ -71,6 +71,8 @@ card_in 2
 s=$?
 opensc-tool --list-readers 2>&1
 echo "@@END mimic-after-error $s"
+[ $s = 0 ] || failed="$failed mimic-after-error"
+signed sig-mimic-after-error 2
 
 # SIGKILL and restart `vscard reader`: the USB device leaves and comes back
 # with a new address. The guest has no udevd, so pcscd (libudev hotplug)
