@@ -616,8 +616,8 @@ func TestGuestReaderCCIDBench(t *testing.T) {
 	r, c := median(redirBench), median(ccid)
 	t.Logf("median APDU round trip in the guest: usbredir %v, usb-ccid %v (ratio %.2f)", r, c, float64(r)/float64(c))
 	fmt.Fprintf(os.Stderr, "GUEST-APDU-RTT usbredir/usb-ccid: %.2f\n", float64(r)/float64(c))
-	// Measured on the 2-core dev machine, TCG: 0.85, 2.03 and 1.08 in
-	// three runs (medians 1.0-1.7 ms against 0.86-1.8 ms); usbredir
+	// Measured on the 2-core dev machine, TCG: 0.85, 2.03, 1.08, 1.10 and
+	// 1.67 in five runs (medians 1.0-2.0 ms against 0.86-1.8 ms); usbredir
 	// carries every CCID message as a bulk OUT and a bulk IN request, each
 	// a round trip to the reader process.
 	if r > 3*c {
