@@ -1,11 +1,10 @@
 package vscard
 
 import (
-	"encoding/json"
-	"fmt"
 	"io"
-	"sync"
 	"time"
+
+	"github.com/vscard/vscard/internal/apdutrace"
 )
 
 // A TraceEvent records one message exchange on a VSCard link: for an APDU,
@@ -33,46 +32,26 @@ type TraceEvent struct {
 	Err      error         // the card's error, if any
 }
 
-// traceLine is the JSON form of a TraceEvent: byte strings in upper-case
-// hex, as APDUs are written in pcscd, OpenSC and vpcd traces.
+// traceLine is the JSON form of a TraceEvent (internal/apdutrace): the
+// members every vscard trace has, plus the VSCard message.
 type traceLine struct {
-	Time     string  `json:"time"`
-	Dir      string  `json:"dir"`
-	Type     string  `json:"type"`
-	ReaderID uint32  `json:"reader"`
-	Command  string  `json:"cmd,omitempty"`
-	Redacted int     `json:"redacted,omitempty"`
-	Response string  `json:"rsp,omitempty"`
-	Micros   float64 `json:"us"`
-	Err      string  `json:"err,omitempty"`
+	apdutrace.Fields
+	Dir      string `json:"dir"`
+	Type     string `json:"type"`
+	ReaderID uint32 `json:"reader"`
 }
 
 // JSONTrace returns a Trace function that writes one JSON object per event
 // to w, for example
 //
-//	{"time":"2026-01-02T15:04:05.123456789Z","dir":"in","type":"APDU","reader":0,"cmd":"00A4040007A0000000790100","rsp":"610D","us":41.2}
+//	{"time":"2026-01-02T15:04:05.123456789Z","cmd":"00A4040007A0000000790100","rsp":"610D","us":41.2,"dir":"in","type":"APDU","reader":0}
 //
 // Calls are serialised. Write errors are dropped: tracing must not take
 // the card away from the guest.
 func JSONTrace(w io.Writer) func(TraceEvent) {
-	var mu sync.Mutex
-	enc := json.NewEncoder(w)
+	enc := apdutrace.Encoder(w)
 	return func(e TraceEvent) {
-		l := traceLine{
-			Time:     e.Time.UTC().Format(time.RFC3339Nano),
-			Dir:      e.Dir,
-			Type:     e.Type.String(),
-			ReaderID: e.ReaderID,
-			Command:  fmt.Sprintf("%X", e.Command),
-			Redacted: e.Redacted,
-			Response: fmt.Sprintf("%X", e.Response),
-			Micros:   float64(e.Duration.Nanoseconds()) / 1e3,
-		}
-		if e.Err != nil {
-			l.Err = e.Err.Error()
-		}
-		mu.Lock()
-		defer mu.Unlock()
-		_ = enc.Encode(&l)
+		enc(&traceLine{Dir: e.Dir, Type: e.Type.String(), ReaderID: e.ReaderID,
+			Fields: apdutrace.NewFields(e.Time, e.Command, e.Redacted, e.Response, e.Duration, e.Err)})
 	}
 }
