@@ -97,27 +97,8 @@ func TestGuestCard(t *testing.T) {
 		}
 	})
 
-	step := func(t *testing.T, name string) Section {
-		t.Helper()
-		s, err := vm.Section(ctx, name)
-		if err != nil {
-			t.Fatalf("guest step %s: %v", name, err)
-		}
-		if s.Status != 0 {
-			t.Fatalf("guest step %s failed (status %d):\n%s", name, s.Status, s.Output)
-		}
-		return s
-	}
-	// host runs a host action when the guest asks for it; the guest is
-	// released even if the action fails, so it never waits for nothing.
-	host := func(t *testing.T, name string, action func()) {
-		t.Helper()
-		if err := vm.WaitFor(ctx, name); err != nil {
-			t.Fatalf("guest never asked for %q: %v", name, err)
-		}
-		defer vm.Go(name)
-		action()
-	}
+	g := &guestSession{t: t, vm: vm, ctx: ctx}
+	step, host := g.step, g.host
 	var data []byte
 	verify := func(t *testing.T, name string) {
 		t.Helper()

@@ -372,3 +372,35 @@ func FuzzParseEvent(f *testing.F) {
 		sections([]string{line, "x", line})
 	})
 }
+
+// guestSession drives one booted guest: steps, host actions, signatures.
+type guestSession struct {
+	t   *testing.T
+	vm  *VM
+	ctx context.Context
+}
+
+func (g *guestSession) step(t *testing.T, name string) Section {
+	t.Helper()
+	s, err := g.vm.Section(g.ctx, name)
+	if err != nil {
+		t.Fatalf("guest step %s: %v", name, err)
+	}
+	if s.Status != 0 {
+		t.Fatalf("guest step %s failed (status %d):\n%s", name, s.Status, s.Output)
+	}
+	return s
+}
+
+// host runs action when the guest asks for it; the guest is released even
+// if the action fails, so it never waits for nothing.
+func (g *guestSession) host(t *testing.T, name string, action func()) {
+	t.Helper()
+	if err := g.vm.WaitFor(g.ctx, name); err != nil {
+		t.Fatalf("guest never asked for %q: %v", name, err)
+	}
+	defer g.vm.Go(name)
+	began := time.Now()
+	action()
+	t.Logf("host action %s took %v", name, time.Since(began).Round(time.Millisecond))
+}

@@ -72,25 +72,8 @@ func TestGuestNSS(t *testing.T) {
 			t.Logf("vscclient log (tail of %s):\n%s", hostLog, fileTail(hostLog, 40))
 		}
 	})
-	step := func(t *testing.T, name string) Section {
-		t.Helper()
-		s, err := vm.Section(ctx, name)
-		if err != nil {
-			t.Fatalf("guest step %s: %v", name, err)
-		}
-		if s.Status != 0 {
-			t.Fatalf("guest step %s failed (status %d):\n%s", name, s.Status, s.Output)
-		}
-		return s
-	}
-	host := func(t *testing.T, name string, action func()) {
-		t.Helper()
-		if err := vm.WaitFor(ctx, name); err != nil {
-			t.Fatalf("guest never asked for %q: %v", name, err)
-		}
-		defer vm.Go(name)
-		action()
-	}
+	g := &guestSession{t: t, vm: vm, ctx: ctx}
+	step, host := g.step, g.host
 	start := time.Now()
 	since := func() string { return time.Since(start).Round(10 * time.Millisecond).String() }
 

@@ -84,36 +84,6 @@ func (e *readerEnv) ctlCmd(t *testing.T, args ...string) string {
 	return string(out)
 }
 
-// guestSession drives one booted guest: steps, host actions, signatures.
-type guestSession struct {
-	t   *testing.T
-	vm  *VM
-	ctx context.Context
-}
-
-func (g *guestSession) step(t *testing.T, name string) Section {
-	t.Helper()
-	s, err := g.vm.Section(g.ctx, name)
-	if err != nil {
-		t.Fatalf("guest step %s: %v", name, err)
-	}
-	if s.Status != 0 {
-		t.Fatalf("guest step %s failed (status %d):\n%s", name, s.Status, s.Output)
-	}
-	return s
-}
-
-// host runs action when the guest asks for it; the guest is released even
-// if the action fails, so it never waits for nothing.
-func (g *guestSession) host(t *testing.T, name string, action func()) {
-	t.Helper()
-	if err := g.vm.WaitFor(g.ctx, name); err != nil {
-		t.Fatalf("guest never asked for %q: %v", name, err)
-	}
-	defer g.vm.Go(name)
-	action()
-}
-
 // verified reads the guest's signature step and checks it with pub over
 // data; it returns the signature.
 func (g *guestSession) verified(t *testing.T, name string, pub *rsa.PublicKey, data []byte) []byte {
