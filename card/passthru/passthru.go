@@ -338,6 +338,11 @@ var swBlocked = []byte{0x69, 0x83}
 // and learning tries left from the answers. Called with mu held, inside
 // the transaction.
 func (c *Card) guarded(cmd []byte) ([]byte, error) {
+	// Only PIN commands are parsed: every other APDU goes straight through,
+	// with no work added on the forwarding path.
+	if len(cmd) < 4 || (cmd[1] != insVerify && cmd[1] != insChangeRefDat) {
+		return c.h.Transmit(cmd)
+	}
 	pc, err := apdu.Parse(cmd)
 	if err != nil || pc.CLA == 0xFF || (pc.INS != insVerify && pc.INS != insChangeRefDat) {
 		return c.h.Transmit(cmd)
