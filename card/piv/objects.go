@@ -144,9 +144,9 @@ func fascn(cred []byte) []byte {
 	}
 	chars := []byte{ss, 9, 9, 9, 9, fs, 9, 9, 9, 9, fs}
 	chars = append(chars, credNum[:]...)
-	chars = append(chars, fs, 1, fs, 1, fs)            // credential series, individual credential issue
+	chars = append(chars, fs, 1, fs, 1, fs)             // credential series, individual credential issue
 	chars = append(chars, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0) // person identifier
-	chars = append(chars, 1, 9, 9, 9, 9, 1, es)        // organizational category/identifier, association
+	chars = append(chars, 1, 9, 9, 9, 9, 1, es)         // organizational category/identifier, association
 	var lrc byte
 	for _, c := range chars {
 		lrc ^= c
