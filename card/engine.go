@@ -64,6 +64,13 @@ type Config struct {
 	// Logger receives debug traces of status words (never command data).
 	// Nil discards.
 	Logger *slog.Logger
+	// AbsentLe256 answers a command without Le (case 1 or 3) as if Le
+	// were 256: data up to 256 bytes comes back at once with 90 00, the
+	// way T=1 cards such as YubiKeys answer, instead of 61 xx (Rule A,
+	// cac.md §2.4). yubico-piv-tool sends SELECT without Le and fails on
+	// anything but 90 00. Longer data still goes through 61 xx. False
+	// keeps libcacard's behaviour.
+	AbsentLe256 bool
 }
 
 // Engine is a Card built from applets. It implements the behaviour shared
@@ -192,7 +199,11 @@ func (e *Engine) Transmit(ctx context.Context, raw []byte) ([]byte, error) {
 			return out, nil
 		}
 	}
-	out := e.size(resp, cmd.Ne)
+	ne := cmd.Ne
+	if !cmd.HasLe && e.cfg.AbsentLe256 {
+		ne = 256
+	}
+	out := e.size(resp, ne)
 	if e.log.Enabled(ctx, slog.LevelDebug) {
 		e.log.DebugContext(ctx, "apdu", "cla", cmd.CLA, "ins", cmd.INS,
 			"sw", apdu.SW(out[len(out)-2])<<8|apdu.SW(out[len(out)-1]), "len", len(out)-2)

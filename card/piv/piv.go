@@ -25,11 +25,18 @@
 package piv
 
 import (
+	"bytes"
 	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/binary"
 	"errors"
+	"io"
 	"log/slog"
 
+	"github.com/vscard/vscard/apdu"
 	"github.com/vscard/vscard/card"
+	"github.com/vscard/vscard/tlv"
 )
 
 // Key references and algorithm identifiers (SP 800-73-4 Part 1 tables
@@ -62,19 +69,73 @@ type Options struct {
 	// Version is the firmware version GET VERSION (INS FD) reports, as
 	// major, minor, patch. Zero means DefaultVersion.
 	Version [3]byte
-	// Serial is what GET SERIAL (INS F8) reports. Zero means a value
-	// derived from the CHUID's GUID.
+	// Serial is what GET SERIAL (INS F8) reports. Zero means a number
+	// derived from the CHUID's GUID, so every card differs.
 	Serial uint32
+	// Rand is the source for key generation and management-key
+	// challenges. Nil means crypto/rand.
+	Rand io.Reader
 }
 
-// DefaultVersion is the Yubico firmware version the card reports.
-var DefaultVersion = [3]byte{5, 4, 3}
+// DefaultVersion is the YubiKey firmware version the card reports. From 5.0
+// on, yubico-piv-tool reads the serial with GET SERIAL on the PIV
+// application instead of selecting Yubico's OTP applet, and treats the
+// card as a YubiKey 5, whose command set (ECC P-384, PIN policies) is the
+// one this card implements.
+var DefaultVersion = [3]byte{5, 2, 7}
+
+// ATR is the card's answer-to-reset: TS 3B; T0 8A (TD1 follows, 10
+// historical bytes); TD1 80 (T=0, TD2 follows); TD2 01 (T=1); historical
+// bytes "vscard PIV"; TCK. It offers T=0 because QEMU 7.2's usb-ccid
+// speaks only T=0 (peers.md), and T=1 because yubico-piv-tool connects
+// with SCARD_PROTOCOL_T1 only. It is not the CAC ATR, and no OpenSC
+// driver ahead of PIV-II claims it, so OpenSC's PIV driver finds the
+// application by SELECT.
+var ATR = atrWithTCK([]byte{0x3B, 0x8A, 0x80, 0x01, 'v', 's', 'c', 'a', 'r', 'd', ' ', 'P', 'I', 'V'})
+
+func atrWithTCK(b []byte) []byte {
+	var x byte
+	for _, c := range b[1:] {
+		x ^= c
+	}
+	return append(b, x)
+}
 
 // Card is a PIV card. It implements card.Card.
 type Card struct {
-	eng *card.Engine
-	st  Store
-	log *slog.Logger
+	eng     *card.Engine
+	st      Store
+	log     *slog.Logger
+	rand    io.Reader
+	version [3]byte
+	serial  uint32
+	app     *application
+
+	// Volatile state, guarded by the engine's lock (every access is from
+	// the applet handler or OnPower, which the engine serialises).
+
+	// pinVerified is the PIN's security status for the session (9A, 9D,
+	// retired keys, PIN-protected objects).
+	pinVerified bool
+	// pinFresh is a verification not yet used by a 9C operation: the
+	// digital signature key needs the PIN immediately before every use
+	// (SP 800-73-4 Part 1 §3.2.2, PIN Always).
+	pinFresh bool
+	// mgmAuthed is the card management key's security status.
+	mgmAuthed bool
+	// pending is a management-key witness or challenge awaiting the
+	// host's answer (SP 800-73-4 Part 2 appendix A).
+	pending pendingAuth
+	// chain is the data of a command being sent with CLA 10 chaining.
+	chain    []byte
+	chainHdr [3]byte // INS P1 P2 of the chained command
+	chaining bool
+}
+
+type pendingAuth struct {
+	kind  byte // 0x80 witness, 0x81 challenge, 0 none
+	alg   byte
+	value []byte
 }
 
 var _ card.Card = (*Card)(nil)
@@ -84,16 +145,56 @@ func New(st Store, opts Options) (*Card, error) {
 	if st == nil {
 		return nil, errors.New("piv: nil store")
 	}
-	c := &Card{st: st, log: opts.Logger}
+	c := &Card{st: st, log: opts.Logger, rand: opts.Rand, version: opts.Version, serial: opts.Serial}
 	if c.log == nil {
 		c.log = slog.New(slog.DiscardHandler)
 	}
-	c.eng = card.NewEngine(card.Config{ATR: atr, Logger: c.log})
+	if c.rand == nil {
+		c.rand = rand.Reader
+	}
+	if c.version == [3]byte{} {
+		c.version = DefaultVersion
+	}
+	if c.serial == 0 {
+		c.serial = serialFrom(st)
+	}
+	c.app = &application{c: c}
+	c.eng = card.NewEngine(card.Config{
+		ATR:      ATR,
+		Applets:  []card.Applet{c.app},
+		MatchAID: matchAID,
+		Generic:  c.generic,
+		OnPower:  c.onPower,
+		Logger:   c.log,
+		// yubico-piv-tool sends SELECT (and other data-returning
+		// commands) without Le, as to a T=1 YubiKey, and fails on
+		// 61 xx; OpenSC and T=0 hosts take data with 90 00 as well.
+		AbsentLe256: true,
+	})
 	return c, nil
 }
 
-// atr is a placeholder until the real one is chosen.
-var atr = []byte{0x3B, 0x00}
+// serialFrom derives a serial number from the CHUID (whose GUID is random
+// per card), below 2^31 so tools printing it as a signed int agree.
+func serialFrom(st Store) uint32 {
+	v, err := st.Object(TagCHUID)
+	if err != nil {
+		return 1
+	}
+	sum := sha256.Sum256(v)
+	s := binary.BigEndian.Uint32(sum[:4]) & 0x7FFFFFFF
+	if s == 0 {
+		s = 1
+	}
+	return s
+}
+
+// matchAID accepts the PIV AID and every right-truncation of it down to
+// the 5-byte RID: OpenSC selects with 9 bytes, yubico-piv-tool and piv-go
+// with the RID alone (cac.md §11).
+func matchAID(_ card.Applet, sel []byte) bool {
+	return len(sel) >= 5 && bytes.HasPrefix(aid, sel)
+}
 
 // ATR implements card.Card.
 func (c *Card) ATR() []byte { return c.eng.ATR() }
@@ -111,3 +212,53 @@ func (c *Card) Reset() { c.eng.Reset() }
 func (c *Card) Transmit(ctx context.Context, cmd []byte) ([]byte, error) {
 	return c.eng.Transmit(ctx, cmd)
 }
+
+// onPower drops every security status and buffer: a power event ends the
+// session.
+func (c *Card) onPower() {
+	c.pinVerified, c.pinFresh, c.mgmAuthed = false, false, false
+	c.pending = pendingAuth{}
+	c.dropChain()
+}
+
+func (c *Card) dropChain() {
+	c.chain = c.chain[:0]
+	c.chaining = false
+}
+
+// generic serves PIV commands when no applet is selected on the channel:
+// the PIV application is the card's only (and so default) application.
+func (c *Card) generic(ctx context.Context, ch int, cmd apdu.Command) (apdu.Response, bool, error) {
+	return c.app.Handle(ctx, ch, cmd)
+}
+
+// application is the PIV card application as an engine applet.
+type application struct{ c *Card }
+
+// AID implements card.Applet.
+func (a *application) AID() []byte { return aid }
+
+// Select implements card.Applet: it answers the Application Property
+// Template (SP 800-73-4 Part 1 table 3; cac.md §11).
+func (a *application) Select(int) []byte {
+	a.c.dropChain()
+	a.c.pending = pendingAuth{}
+	return apt
+}
+
+// apt is the Application Property Template: the PIX (4F), the coexistent
+// tag allocation authority (79 { 4F RID }), a label (50) and the
+// cryptographic algorithms the card supports (AC { 80 alg ... 06 00 }).
+var apt = func() []byte {
+	var in []byte
+	in = tlv.AppendBER(in, 0x4F, aid[5:])
+	in = tlv.AppendBER(in, 0x79, tlv.AppendBER(nil, 0x4F, aid[:5]))
+	in = tlv.AppendBER(in, 0x50, []byte("vscard PIV"))
+	var algs []byte
+	for _, alg := range []byte{AlgTDES, AlgAES128, AlgAES192, AlgAES256, AlgRSA1024, AlgRSA2048, AlgRSA3072, AlgECCP256, AlgECCP384} {
+		algs = tlv.AppendBER(algs, 0x80, []byte{alg})
+	}
+	algs = tlv.AppendBER(algs, 0x06, []byte{0x00})
+	in = tlv.AppendBER(in, 0xAC, algs)
+	return tlv.AppendBER(nil, 0x61, in)
+}()
