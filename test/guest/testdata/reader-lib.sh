@@ -69,28 +69,24 @@ cert() {
   echo "@@END $1 $s"
   [ $s = 0 ] || failed="$failed $1"
 }
-# bench NAME READER: 100 SELECTs of an absent AID (answer 6A 82, no card
-# state touched) in one opensc-tool run; prints the wall time and, from
+# bench_rtt TAG READER N: N SELECTs of an absent AID (answer 6A 82, no
+# card state touched) in one opensc-tool run on READER; prints, from
 # pcscd's --apdu log (each line starts with the microseconds since the
-# previous one), every APDU's round trip through the driver in µs: the sum
-# of deltas from its "APDU:" line to its "SW:" line.
+# previous one), every APDU's round trip through the driver as "TAG
+# rtt_us=US": the sum of deltas from its "APDU:" line to its "SW:" line.
+# Only pcscd's log is timed, so opensc-tool's own start-up is left out.
 BENCH_APDU=00A4040006F00102030405
-bench() {
+bench_rtt() {
   _from=$(($(wc -l </tmp/pcscd.log) + 1))
   _args=; _i=0
-  while [ $_i -lt 100 ]; do _args="$_args -s $BENCH_APDU"; _i=$((_i + 1)); done
-  _t0=$(ms)
+  while [ $_i -lt "$3" ]; do _args="$_args -s $BENCH_APDU"; _i=$((_i + 1)); done
   opensc-tool -r "$2" -c default $_args >/tmp/bench.out 2>&1
-  s=$?
-  _t1=$(ms)
-  echo "@@BEGIN $1"
-  echo "wall_ms=$((_t1 - _t0))"
-  tail -n +$_from /tmp/pcscd.log | awk '
+  _s=$?
+  tail -n +$_from /tmp/pcscd.log | awk -v tag="$1" '
     $2 == "APDU:" && $0 ~ /APDU: 00 A4 04 00 06 F0 01 02 03 04 05/ { on = 1; sum = 0; next }
-    on { sum += $1 + 0; if ($2 == "SW:") { print "rtt_us=" sum; on = 0 } }'
-  [ $s = 0 ] || tail -n 5 /tmp/bench.out
-  echo "@@END $1 $s"
-  [ $s = 0 ] || failed="$failed $1"
+    on { sum += $1 + 0; if ($2 == "SW:") { print tag " rtt_us=" sum; on = 0 } }'
+  [ $_s = 0 ] || { echo "opensc-tool -r $2 failed ($_s):"; tail -n 5 /tmp/bench.out; }
+  return $_s
 }
 # finish: report failed steps with the pcscd log tail, for the console.
 finish_steps() {

@@ -36,9 +36,6 @@ s=$?
 echo "@@END ext-sign $s"
 [ $s = 0 ] || { failed="$failed ext-sign"; cat /tmp/ext.err; }
 
-# APDU round trips through usbredir (compared with usb-ccid by the host).
-bench bench-usbredir 0
-
 # remove/insert of slot 0 through the control socket; slot 1 stays.
 host_wait remove
 state removed 0 absent
