@@ -25,6 +25,19 @@
 // Imported cards name their files cert1.pem, cert1-key.pem, and so on. The
 // manifest lists every file by name, so Open never guesses.
 //
+// # PIV cards
+//
+// A directory whose manifest says "type": "piv" is a PIV card (CreatePIV,
+// ImportPIV, OpenPIV; Type tells the kinds apart, and Open and OpenPIV
+// each refuse the other kind with ErrWrongType). *PIVCard implements
+// card/piv's Store: the card writes to it (generated keys, PUT DATA, PIN
+// changes), so its files are named by what they hold rather than listed
+// in the manifest: key-9a.pem (PKCS#8), obj-5fc105 (an object's value),
+// pin.json and puk.json (hash and retry counter together, so a PIN
+// change is one rename), mgm.json (the card management key). Every write
+// is atomic and durable as below; PIN and PUK use the same
+// decrement-before-compare code as the CAC PIN.
+//
 // # Security model
 //
 // Files holding secrets (keys, the PIN hash, the counter) are created 0600

@@ -33,8 +33,12 @@ const (
 	minIterations  = 1000
 )
 
-// Card types. Only CAC is served today; a PIV card will follow.
-const typeCAC = "cac"
+// Card types, the manifest's "type".
+const (
+	TypeCAC = "cac"
+	TypePIV = "piv"
+	typeCAC = TypeCAC
+)
 
 // PIN hash algorithm names stored in the manifest.
 const algPBKDF2SHA256 = "pbkdf2-sha256"
@@ -73,6 +77,9 @@ type manifestPIN struct {
 type state struct {
 	Version   int `json:"version"`
 	TriesLeft int `json:"tries_left"`
+	// PIN is the hash of a PIN that can change (a PIV card's PIN and
+	// PUK); a CAC card's state.json has none, its hash is in card.json.
+	PIN *manifestPIN `json:"pin,omitempty"`
 }
 
 // decodeManifest parses and validates card.json. Every problem is reported
@@ -100,8 +107,8 @@ func decodeManifest(b []byte) (*manifest, error) {
 	if d.More() {
 		return nil, errors.New("trailing data after the JSON object")
 	}
-	if m.Type != typeCAC {
-		return nil, fmt.Errorf("unknown card type %q (want %q)", m.Type, typeCAC)
+	if err := checkType(m.Type, TypeCAC); err != nil {
+		return nil, err
 	}
 	if n := len(m.Credentials); n == 0 || n > maxCredentials {
 		return nil, fmt.Errorf("%d credentials; a card holds 1 to %d", n, maxCredentials)
@@ -143,23 +150,47 @@ func decodeManifest(b []byte) (*manifest, error) {
 			}
 		}
 	}
-	p := m.PIN
-	if p.Alg != algPBKDF2SHA256 {
-		return nil, fmt.Errorf("unknown PIN hash algorithm %q", p.Alg)
-	}
-	if p.Iterations < minIterations || p.Iterations > maxIterations {
-		return nil, fmt.Errorf("PIN hash iterations %d out of range [%d, %d]", p.Iterations, minIterations, maxIterations)
-	}
-	if len(p.Salt) < 16 || len(p.Salt) > 64 {
-		return nil, fmt.Errorf("PIN salt is %d bytes; want 16 to 64", len(p.Salt))
-	}
-	if len(p.Hash) != pinHashLen {
-		return nil, fmt.Errorf("PIN hash is %d bytes; want %d", len(p.Hash), pinHashLen)
-	}
-	if p.MaxTries < 1 || p.MaxTries > maxTriesLimit {
-		return nil, fmt.Errorf("max_tries %d out of range [1, %d]", p.MaxTries, maxTriesLimit)
+	if err := checkPINParams(m.PIN); err != nil {
+		return nil, err
 	}
 	return &m, nil
+}
+
+// checkType accepts a manifest of the wanted card type, and names the
+// other known type so a PIV card given to CAC code (or the reverse) says
+// what it is rather than "damaged".
+func checkType(got, want string) error {
+	switch {
+	case got == want:
+		return nil
+	case got == TypeCAC || got == TypePIV:
+		return fmt.Errorf("%w: it is a %s card, not a %s card", ErrWrongType, strings.ToUpper(got), strings.ToUpper(want))
+	}
+	return fmt.Errorf("unknown card type %q (want %q)", got, want)
+}
+
+// ErrWrongType is wrapped by Open's error for a PIV card, and OpenPIV's
+// for a CAC card: use Type to choose.
+var ErrWrongType = errors.New("wrong card type")
+
+// checkPINParams validates stored PIN hash parameters.
+func checkPINParams(p manifestPIN) error {
+	if p.Alg != algPBKDF2SHA256 {
+		return fmt.Errorf("unknown PIN hash algorithm %q", p.Alg)
+	}
+	if p.Iterations < minIterations || p.Iterations > maxIterations {
+		return fmt.Errorf("PIN hash iterations %d out of range [%d, %d]", p.Iterations, minIterations, maxIterations)
+	}
+	if len(p.Salt) < 16 || len(p.Salt) > 64 {
+		return fmt.Errorf("PIN salt is %d bytes; want 16 to 64", len(p.Salt))
+	}
+	if len(p.Hash) != pinHashLen {
+		return fmt.Errorf("PIN hash is %d bytes; want %d", len(p.Hash), pinHashLen)
+	}
+	if p.MaxTries < 1 || p.MaxTries > maxTriesLimit {
+		return fmt.Errorf("max_tries %d out of range [1, %d]", p.MaxTries, maxTriesLimit)
+	}
+	return nil
 }
 
 // checkFileName accepts a plain file name inside the card directory, so a
@@ -176,7 +207,10 @@ func checkFileName(f string) error {
 	return nil
 }
 
-// decodeState parses state.json and checks the counter against maxTries.
+// decodeState parses a PIN state file and checks the counter against
+// maxTries. maxTries 0 means the file must hold its own hash parameters
+// (PIV's pin.json, puk.json), whose max_tries applies; otherwise it must
+// not (CAC's state.json, whose hash is in the manifest).
 func decodeState(b []byte, maxTries int) (state, error) {
 	var s state
 	if len(b) > maxStateSize {
@@ -192,6 +226,17 @@ func decodeState(b []byte, maxTries int) (state, error) {
 	}
 	if s.Version != formatVersion {
 		return s, fmt.Errorf("unknown format version %d (want %d)", s.Version, formatVersion)
+	}
+	switch {
+	case maxTries == 0 && s.PIN == nil:
+		return s, errors.New("no PIN hash (\"pin\") in it")
+	case maxTries != 0 && s.PIN != nil:
+		return s, errors.New("unexpected PIN hash (\"pin\") in it; the card's hash is in card.json")
+	case s.PIN != nil:
+		if err := checkPINParams(*s.PIN); err != nil {
+			return s, err
+		}
+		maxTries = s.PIN.MaxTries
 	}
 	if s.TriesLeft < 0 || s.TriesLeft > maxTries {
 		return s, fmt.Errorf("tries_left %d out of range [0, %d]", s.TriesLeft, maxTries)

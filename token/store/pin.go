@@ -85,10 +85,15 @@ func newPINParams(pin string, iter, maxTries int, rnd io.Reader) (manifestPIN, e
 	return manifestPIN{Alg: algPBKDF2SHA256, Iterations: iter, Salt: salt, Hash: h, MaxTries: maxTries}, nil
 }
 
-// pin implements token.PIN with a counter persisted in state.json.
+// pin implements token.PIN with a counter persisted in a state file:
+// state.json for a CAC card, whose hash lives in the manifest, and
+// pin.json / puk.json for a PIV card, which hold the hash beside the
+// counter (state.PIN) so that Set can replace both in one atomic rename.
 type pin struct {
 	dir    string
-	params manifestPIN
+	file   string      // state file name inside dir
+	what   string      // "PIN" or "PUK", for messages
+	params manifestPIN // the manifest's hash; unused when the state file holds one
 	log    *slog.Logger
 
 	// beforeCompare, if set, runs after the counter is persisted and
@@ -98,41 +103,61 @@ type pin struct {
 	mu sync.Mutex
 }
 
-var _ token.PIN = (*pin)(nil)
+var _ token.SettablePIN = (*pin)(nil)
 
-func (p *pin) statePath() string { return filepath.Join(p.dir, StateFile) }
+func (p *pin) statePath() string { return filepath.Join(p.dir, p.file) }
+
+// inline reports whether the hash lives in the state file (PIV).
+func (p *pin) inline() bool { return p.params.Alg == "" }
 
 func (p *pin) readState() (state, error) {
 	b, err := readLimited(p.statePath(), maxStateSize)
 	if err != nil {
-		return state{}, stateError(p.statePath(), err)
+		return state{}, p.stateError(err)
 	}
-	s, err := decodeState(b, p.params.MaxTries)
+	max := p.params.MaxTries
+	if p.inline() {
+		max = 0 // the file's own max_tries applies
+	}
+	s, err := decodeState(b, max)
 	if err != nil {
-		return state{}, stateError(p.statePath(), err)
+		return state{}, p.stateError(err)
 	}
 	return s, nil
 }
 
-func stateError(path string, err error) error {
-	return fmt.Errorf("store: PIN retry counter %s: %w; it is never reset automatically: restore it from a backup, or if you own this card write {\"version\":1,\"tries_left\":N} to it (that unblocks the PIN)", path, err)
+// hashParams returns the hash parameters in force for state s.
+func (p *pin) hashParams(s state) manifestPIN {
+	if s.PIN != nil {
+		return *s.PIN
+	}
+	return p.params
 }
 
-func (p *pin) writeState(tries int) error {
-	b, err := encodeJSON(state{Version: formatVersion, TriesLeft: tries})
+func (p *pin) stateError(err error) error {
+	what := p.what
+	if what == "" {
+		what = "PIN"
+	}
+	return fmt.Errorf("store: %s retry counter %s: %w; it is never reset automatically: restore it from a backup, or if you own this card set \"tries_left\" in it to N (that unblocks the %s)", what, p.statePath(), err, what)
+}
+
+func (p *pin) writeState(s state) error {
+	s.Version = formatVersion
+	b, err := encodeJSON(s)
 	if err != nil {
 		return err
 	}
-	if err := writeAtomic(p.dir, StateFile, b); err != nil {
-		return fmt.Errorf("store: save PIN retry counter %s: %w", p.statePath(), err)
+	if err := writeAtomic(p.dir, p.file, b); err != nil {
+		return fmt.Errorf("store: save %s retry counter %s: %w", p.what, p.statePath(), err)
 	}
 	return nil
 }
 
-// Verify implements token.PIN. Trailing FF bytes (the CAC padding) are
-// removed before the check. The counter is decremented and made durable
-// before the comparison, and restored after a match, so that killing the
-// process at any moment never yields an uncounted guess.
+// Verify implements token.PIN. Trailing FF bytes (the CAC and PIV
+// padding) are removed before the check. The counter is decremented and
+// made durable before the comparison, and restored after a match, so that
+// killing the process at any moment never yields an uncounted guess.
 func (p *pin) Verify(given []byte) (int, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -142,16 +167,19 @@ func (p *pin) Verify(given []byte) (int, error) {
 	}
 	defer unlock()
 
-	// Re-read under the lock: another process may have counted tries.
+	// Re-read under the lock: another process may have counted tries
+	// (or, on a PIV card, changed the PIN).
 	s, err := p.readState()
 	if err != nil {
 		return 0, err
 	}
+	params := p.hashParams(s)
 	if s.TriesLeft <= 0 {
 		return 0, token.ErrPINBlocked
 	}
 	left := s.TriesLeft - 1
-	if err := p.writeState(left); err != nil {
+	s.TriesLeft = left
+	if err := p.writeState(s); err != nil {
 		return 0, err
 	}
 
@@ -161,24 +189,57 @@ func (p *pin) Verify(given []byte) (int, error) {
 	given = bytes.TrimRight(given, "\xff")
 	ok := false
 	if len(given) >= minPINLen && len(given) <= maxPINLen {
-		h, err := hashPIN(given, p.params.Salt, p.params.Iterations)
+		h, err := hashPIN(given, params.Salt, params.Iterations)
 		if err != nil {
-			return left, fmt.Errorf("store: hash PIN: %w", err)
+			return left, fmt.Errorf("store: hash %s: %w", p.what, err)
 		}
-		ok = subtle.ConstantTimeCompare(h, p.params.Hash) == 1
+		ok = subtle.ConstantTimeCompare(h, params.Hash) == 1
 	} else {
 		// Still spend the hashing time, so the length is not revealed
 		// by timing.
-		_, _ = hashPIN([]byte("\x00"), p.params.Salt, p.params.Iterations)
+		_, _ = hashPIN([]byte("\x00"), params.Salt, params.Iterations)
 	}
 	if !ok {
-		p.log.Info("PIN verification failed", "card", p.dir, "tries_left", left)
+		p.log.Info(p.what+" verification failed", "card", p.dir, "tries_left", left)
 		return left, fmt.Errorf("%w: %d tries left", token.ErrPINIncorrect, left)
 	}
-	if err := p.writeState(p.params.MaxTries); err != nil {
+	s.TriesLeft = params.MaxTries
+	if err := p.writeState(s); err != nil {
 		return left, err
 	}
-	return p.params.MaxTries, nil
+	return params.MaxTries, nil
+}
+
+// Set implements token.SettablePIN for a PIN whose hash lives in its state
+// file (a PIV card's PIN and PUK): a new salt and hash, and the counter at
+// its maximum, written in one atomic rename. Trailing FF padding is
+// removed as in Verify. A CAC card's PIN, hashed in the manifest, cannot
+// be changed.
+func (p *pin) Set(value []byte) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if !p.inline() {
+		return fmt.Errorf("store: the %s of card %s cannot be changed", p.what, p.dir)
+	}
+	value = bytes.TrimRight(value, "\xff")
+	if n := len(value); n < minPINLen || n > maxPINLen {
+		return fmt.Errorf("store: %s must be %d to %d bytes, not %d", p.what, minPINLen, maxPINLen, n)
+	}
+	unlock, err := lockDir(p.dir)
+	if err != nil {
+		return fmt.Errorf("store: lock card %s: %w", p.dir, err)
+	}
+	defer unlock()
+	s, err := p.readState()
+	if err != nil {
+		return err
+	}
+	old := p.hashParams(s)
+	np, err := newPINParams(string(value), old.Iterations, old.MaxTries, rand.Reader)
+	if err != nil {
+		return err
+	}
+	return p.writeState(state{TriesLeft: np.MaxTries, PIN: &np})
 }
 
 // TriesLeft implements token.PIN. It re-reads the counter so another
@@ -189,8 +250,8 @@ func (p *pin) TriesLeft() (int, int) {
 	defer p.mu.Unlock()
 	s, err := p.readState()
 	if err != nil {
-		p.log.Error("read PIN retry counter", "err", err)
+		p.log.Error("read "+p.what+" retry counter", "err", err)
 		return 0, p.params.MaxTries
 	}
-	return s.TriesLeft, p.params.MaxTries
+	return s.TriesLeft, p.hashParams(s).MaxTries
 }

@@ -126,7 +126,7 @@ func OpenWith(dir string, opts OpenOptions) (*Card, error) {
 			Version: m.Version, Type: m.Type, CN: m.CN, ID: id,
 			Created: m.Created, MaxTries: m.PIN.MaxTries,
 		},
-		pin: &pin{dir: dir, params: m.PIN, log: log},
+		pin: &pin{dir: dir, file: StateFile, what: "PIN", params: m.PIN, log: log},
 	}
 	for _, mc := range m.Credentials {
 		cert, err := loadCert(dir, mc.Cert)
@@ -161,7 +161,7 @@ func OpenWith(dir string, opts OpenOptions) (*Card, error) {
 	// Read the counter now, so a damaged state.json fails Open rather than
 	// the first VERIFY.
 	if err := checkPrivate(c.pin.statePath(), false); err != nil {
-		return nil, stateError(c.pin.statePath(), err)
+		return nil, c.pin.stateError(err)
 	}
 	if _, err := c.pin.readState(); err != nil {
 		return nil, err
@@ -225,10 +225,31 @@ type file struct {
 	mode fs.FileMode
 }
 
-// writeCard makes dir holding files plus card.json and state.json. It
-// builds everything in a temporary sibling directory and renames it into
-// place, so a crash never leaves a half-written card under dir.
+// writeCard makes dir holding files plus card.json and state.json.
 func writeCard(dir string, m *manifest, files []file) error {
+	mb, err := encodeJSON(m)
+	if err != nil {
+		return fmt.Errorf("store: encode manifest: %w", err)
+	}
+	sb, err := encodeJSON(state{Version: formatVersion, TriesLeft: m.PIN.MaxTries})
+	if err != nil {
+		return fmt.Errorf("store: encode state: %w", err)
+	}
+	files = append(files, file{ManifestFile, mb, secretMode}, file{StateFile, sb, secretMode})
+	return buildDir(dir, func(tmp string) error {
+		for _, f := range files {
+			if err := writeNew(tmp, f.name, f.data, f.mode); err != nil {
+				return fmt.Errorf("store: write %s: %w", f.name, err)
+			}
+		}
+		return nil
+	})
+}
+
+// buildDir makes dir by running fill on a temporary sibling directory
+// (0700) and renaming it into place, so a crash never leaves a
+// half-written card under dir.
+func buildDir(dir string, fill func(tmp string) error) error {
 	if err := checkNew(dir); err != nil {
 		return err
 	}
@@ -248,19 +269,8 @@ func writeCard(dir string, m *manifest, files []file) error {
 			os.RemoveAll(tmp)
 		}
 	}()
-	mb, err := encodeJSON(m)
-	if err != nil {
-		return fmt.Errorf("store: encode manifest: %w", err)
-	}
-	sb, err := encodeJSON(state{Version: formatVersion, TriesLeft: m.PIN.MaxTries})
-	if err != nil {
-		return fmt.Errorf("store: encode state: %w", err)
-	}
-	files = append(files, file{ManifestFile, mb, secretMode}, file{StateFile, sb, secretMode})
-	for _, f := range files {
-		if err := writeNew(tmp, f.name, f.data, f.mode); err != nil {
-			return fmt.Errorf("store: write %s: %w", f.name, err)
-		}
+	if err := fill(tmp); err != nil {
+		return err
 	}
 	if err := syncDir(tmp); err != nil {
 		return fmt.Errorf("store: %w", err)

@@ -76,6 +76,9 @@ func TestMain(m *testing.M) {
 	if template.dir != "" {
 		os.RemoveAll(filepath.Dir(template.dir))
 	}
+	if pivTemplate.dir != "" {
+		os.RemoveAll(filepath.Dir(pivTemplate.dir))
+	}
 	os.Exit(code)
 }
 
