@@ -71,6 +71,14 @@ type Config struct {
 	// anything but 90 00. Longer data still goes through 61 xx. False
 	// keeps libcacard's behaviour.
 	AbsentLe256 bool
+	// Default is the applet implicitly selected on the basic channel (0)
+	// after every power event and after a failed SELECT, as ISO 7816-4
+	// §7.1.1 allows for a card's default application: PIV clients such as
+	// OpenSC read Discovery and send chained (CLA 10) commands without
+	// selecting first, and the PIV application stays current when a
+	// client probes other AIDs. Nil keeps libcacard's behaviour (nothing
+	// selected, a failed SELECT deselects: cac.md §4.1).
+	Default Applet
 }
 
 // Engine is a Card built from applets. It implements the behaviour shared
@@ -102,7 +110,9 @@ func NewEngine(cfg Config) *Engine {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Engine{cfg: cfg, log: log}
+	e := &Engine{cfg: cfg, log: log}
+	e.current[0] = cfg.Default
+	return e
 }
 
 // ATR implements Card.
@@ -123,6 +133,7 @@ func (e *Engine) power() {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	e.current = [Channels]Applet{}
+	e.current[0] = e.cfg.Default
 	e.dropPending()
 	if e.cfg.OnPower != nil {
 		e.cfg.OnPower()
@@ -267,6 +278,9 @@ func (e *Engine) selectAID(ch int, cmd apdu.Command) apdu.Response {
 	// The failed SELECT clears the channel: CoolKey's card-manager probe
 	// depends on the following commands reaching the generic path.
 	e.current[ch] = nil
+	if ch == 0 {
+		e.current[0] = e.cfg.Default
+	}
 	return apdu.Status(apdu.SWFileNotFound)
 }
 

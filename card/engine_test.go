@@ -254,3 +254,35 @@ func TestEngineAbsentLe256(t *testing.T) {
 		}
 	}
 }
+
+// TestEngineDefault checks Config.Default: the default applet is current
+// on channel 0 from the start, after power events and after a failed
+// SELECT, and sees CLA 10 commands; other channels start empty.
+func TestEngineDefault(t *testing.T) {
+	def := &testApplet{aid: []byte{0xA0, 0x01}, size: 3}
+	other := &testApplet{aid: []byte{0xA0, 0x02}, size: 5}
+	e := NewEngine(Config{ATR: []byte{0x3B, 0x00}, Applets: []Applet{def, other}, Default: def})
+	for i, s := range [][2]string{
+		{"0001000000", "0001029000"},     // default answers before any SELECT
+		{"1002000000", "9100"},           // chaining CLA reaches it
+		{"0102000000", "6900"},           // channel 1 has nothing
+		{"00A4040002A00200", "6F009000"}, // select the other applet
+		{"0001000000", "len007:9000"},    // 5 bytes: the other one
+		{"00A4040002A00300", "6A82"},     // miss: back to the default
+		{"0001000000", "0001029000"},
+		{"00A4040002A00200", "6F009000"},
+	} {
+		if got := run(t, e, s[0]); got != s[1] {
+			t.Fatalf("step %d %s: got %s, want %s", i, s[0], got, s[1])
+		}
+	}
+	for _, ev := range []func(){e.PowerOff, e.PowerOn, e.Reset} {
+		ev()
+		if got := e.Current(0); got != def {
+			t.Fatalf("after power event: current applet %v, want the default", got)
+		}
+		if got := run(t, e, "0001000000"); got != "0001029000" {
+			t.Fatalf("after power event: got %s", got)
+		}
+	}
+}

@@ -34,7 +34,6 @@ import (
 	"io"
 	"log/slog"
 
-	"github.com/vscard/vscard/apdu"
 	"github.com/vscard/vscard/card"
 	"github.com/vscard/vscard/tlv"
 )
@@ -163,9 +162,13 @@ func New(st Store, opts Options) (*Card, error) {
 		ATR:      ATR,
 		Applets:  []card.Applet{c.app},
 		MatchAID: matchAID,
-		Generic:  c.generic,
-		OnPower:  c.onPower,
-		Logger:   c.log,
+		// The PIV application is the card's default application:
+		// OpenSC reads Discovery and sends chained commands without
+		// selecting it, and it stays current when clients probe other
+		// AIDs first.
+		Default: c.app,
+		OnPower: c.onPower,
+		Logger:  c.log,
 		// yubico-piv-tool sends SELECT (and other data-returning
 		// commands) without Le, as to a T=1 YubiKey, and fails on
 		// 61 xx; OpenSC and T=0 hosts take data with 90 00 as well.
@@ -224,12 +227,6 @@ func (c *Card) onPower() {
 func (c *Card) dropChain() {
 	c.chain = c.chain[:0]
 	c.chaining = false
-}
-
-// generic serves PIV commands when no applet is selected on the channel:
-// the PIV application is the card's only (and so default) application.
-func (c *Card) generic(ctx context.Context, ch int, cmd apdu.Command) (apdu.Response, bool, error) {
-	return c.app.Handle(ctx, ch, cmd)
 }
 
 // application is the PIV card application as an engine applet.
