@@ -26,8 +26,12 @@ import (
 )
 
 const cardUsage = `usage: vscard card new DIR [--cn NAME] [--pin PIN] [--key rsa2048|rsa3072|rsa1024] [--pin-tries N]
+       vscard card new DIR --type piv [--key rsa2048|rsa3072|p256|p384] [--cn NAME] [--pin PIN] [--puk PUK]
+                          [--mgm-key HEX [--mgm-alg 3des|aes128|aes192|aes256]] [--pin-tries N] [--puk-tries N]
        vscard card import DIR (--cert FILE --key FILE | --pem FILE | --p12 FILE)... [--nss DB --certs NICKS]
                           [--password-file FILE] [--ca FILE] [--pin PIN | --pin-file FILE] [--pin-tries N]
+       vscard card import DIR --type piv (--slot REF=FILE[,FILE...])... [--ca FILE] [--password-file FILE]
+                          [--pin PIN | --pin-file FILE] [--puk PUK] [--mgm-key HEX [--mgm-alg ALG]]
        vscard card show DIR
        vscard card export-ca DIR [--out FILE] [--der]
 
@@ -139,13 +143,18 @@ func checkPINFlag(pin string) error {
 }
 
 func runCardNew(_ context.Context, env *environ, args []string) error {
-	fs := newFlagSet(env, "card new", "usage: vscard card new DIR [flags]\n\nMakes a CAC card: a CA and identity, signing and encryption certificates.\n\nflags:")
+	fs := newFlagSet(env, "card new", "usage: vscard card new DIR [flags]\n\nMakes a CAC card: a CA and identity, signing and encryption certificates.\nWith --type piv, a PIV card: a CA and certificates for 9A, 9C, 9D and 9E.\n\nflags:")
+	typ := fs.String("type", store.TypeCAC, "card type: cac or piv")
 	cn := fs.String("cn", "John Doe", "holder's common name")
 	pin := fs.String("pin", "", "user PIN, 4-8 characters (default: generate 8 digits and print them once; \"-\" reads stdin)")
-	key := fs.String("key", "rsa2048", "key type: "+strings.Join(store.KeyTypes(), ", "))
+	key := fs.String("key", "rsa2048", "key type: "+strings.Join(store.KeyTypes(), ", ")+"; PIV: "+strings.Join(store.PIVKeyTypes(), ", "))
 	tries := fs.Int("pin-tries", 3, "wrong PINs allowed before the PIN blocks (1-15)")
+	pf := addPIVFlags(fs)
 	dir, err := parseDir(fs, args)
 	if err != nil {
+		return err
+	}
+	if err := checkType(fs, *typ); err != nil {
 		return err
 	}
 	if *pin, err = readPIN(env, *pin); err != nil {
@@ -156,6 +165,9 @@ func runCardNew(_ context.Context, env *environ, args []string) error {
 	}
 	if *tries < 1 || *tries > 15 {
 		return fmt.Errorf("%w: --pin-tries must be 1 to 15, not %d", errUsage, *tries)
+	}
+	if *typ == store.TypePIV {
+		return runCardNewPIV(env, fs, dir, *cn, *pin, *key, *tries, pf)
 	}
 	if !validKey(*key) {
 		return fmt.Errorf("%w: --key %q: use one of %s", errUsage, *key, strings.Join(store.KeyTypes(), ", "))
@@ -179,6 +191,21 @@ func runCardNew(_ context.Context, env *environ, args []string) error {
 }
 
 func validKey(k string) bool { return slices.Contains(store.KeyTypes(), k) }
+
+// checkType accepts --type cac or piv, and refuses PIV-only flags on a
+// CAC card.
+func checkType(fs *flag.FlagSet, typ string) error {
+	switch typ {
+	case store.TypePIV:
+		return nil
+	case store.TypeCAC:
+		if set := pivOnly(fs, pivFlagNames...); len(set) > 0 {
+			return fmt.Errorf("%w: %s: only for PIV cards (add --type piv)", errUsage, strings.Join(set, ", "))
+		}
+		return nil
+	}
+	return fmt.Errorf("%w: --type %q: want cac or piv", errUsage, typ)
+}
 
 // inputFile is one --cert, --key, --pem or --p12 argument.
 type inputFile struct {
@@ -428,14 +455,24 @@ func runCardImport(_ context.Context, env *environ, args []string) error {
 	pin := fs.String("pin", "", "user PIN, 4-8 characters (\"-\" reads stdin; see also --pin-file)")
 	pinFile := fs.String("pin-file", "", "file whose first line is the new card's PIN")
 	tries := fs.Int("pin-tries", 3, "wrong PINs allowed before the PIN blocks (1-15)")
+	typ := fs.String("type", store.TypeCAC, "card type: cac or piv")
+	var slots []slotArg
+	fs.Var(slotFlag{&slots}, "slot", "PIV: REF=FILE[,FILE...]: key reference (9a, 9c, 9d, 9e, 82-95) and its PKCS#12 (.p12/.pfx) or PEM files (repeatable)")
+	pf := addPIVFlags(fs)
 	dir, err := parseDir(fs, args)
 	if err != nil {
 		return err
 	}
+	if err := checkType(fs, *typ); err != nil {
+		return err
+	}
+	if *typ == store.TypePIV && (len(inputs) > 0 || *nssDir != "") {
+		return fmt.Errorf("%w: a PIV card takes its certificates and keys with --slot REF=FILE[,FILE...], not --cert/--key/--pem/--p12/--nss", errUsage)
+	}
 	if (*nssDir == "") != (*nicks == "") {
 		return fmt.Errorf("%w: --nss DB and --certs NICK1,NICK2,... go together", errUsage)
 	}
-	if *nssDir == "" && !slices.ContainsFunc(inputs, func(f inputFile) bool { return f.asCert || f.p12 }) {
+	if *typ != store.TypePIV && *nssDir == "" && !slices.ContainsFunc(inputs, func(f inputFile) bool { return f.asCert || f.p12 }) {
 		return fmt.Errorf("%w: give the certificates with --cert FILE --key FILE, --pem FILE, --p12 FILE or --nss DB --certs NICKS", errUsage)
 	}
 	if *pin != "" && *pinFile != "" {
@@ -453,6 +490,9 @@ func runCardImport(_ context.Context, env *environ, args []string) error {
 	// Fail before any password prompt if DIR is taken.
 	if _, err := os.Lstat(dir); err == nil {
 		return fmt.Errorf("card directory %s already exists; choose another DIR or remove it", dir)
+	}
+	if *typ == store.TypePIV {
+		return runCardImportPIV(env, fs, dir, slots, *pwFile, *ca, *pin, *pinFile, *tries, pf)
 	}
 	opts := store.ImportOptions{MaxTries: *tries}
 	src := &importSources{env: env, pwFile: *pwFile, opts: &opts}
@@ -498,19 +538,8 @@ func runCardImport(_ context.Context, env *environ, args []string) error {
 			chainNote = "taken from the PKCS#12 chain: the issuer of the first certificate"
 		}
 	}
-	opts.PIN = *pin
-	if opts.PIN == "" {
-		psrc := secret.Source{What: "New card PIN (4-8 characters; empty generates one)", File: *pinFile, FileFlag: "--pin-file", EnvVar: envPIN, Terminal: terminalFor(env), Confirm: true}
-		p, err := psrc.Get()
-		if err != nil && !errors.Is(err, secret.ErrNotGiven) {
-			return err
-		}
-		if p != "" {
-			if err := store.CheckPIN(p); err != nil {
-				return fmt.Errorf("%w: PIN: %v", errUsage, strings.TrimPrefix(err.Error(), "store: "))
-			}
-		}
-		opts.PIN = p
+	if opts.PIN, err = resolveImportPIN(env, *pin, *pinFile); err != nil {
+		return err
 	}
 	c, err := store.Import(dir, opts)
 	if err != nil {
@@ -535,6 +564,26 @@ func runCardImport(_ context.Context, env *environ, args []string) error {
 	return nil
 }
 
+// resolveImportPIN returns the new card's PIN: --pin, else --pin-file,
+// VSCARD_PIN or a prompt; "" (none of them, or an empty answer) makes the
+// store generate one.
+func resolveImportPIN(env *environ, pin, pinFile string) (string, error) {
+	if pin != "" {
+		return pin, nil
+	}
+	psrc := secret.Source{What: "New card PIN (4-8 characters; empty generates one)", File: pinFile, FileFlag: "--pin-file", EnvVar: envPIN, Terminal: terminalFor(env), Confirm: true}
+	p, err := psrc.Get()
+	if err != nil && !errors.Is(err, secret.ErrNotGiven) {
+		return "", err
+	}
+	if p != "" {
+		if err := store.CheckPIN(p); err != nil {
+			return "", fmt.Errorf("%w: PIN: %v", errUsage, strings.TrimPrefix(err.Error(), "store: "))
+		}
+	}
+	return p, nil
+}
+
 func runCardExportCA(_ context.Context, env *environ, args []string) error {
 	fs := newFlagSet(env, "card export-ca", "usage: vscard card export-ca DIR [--out FILE] [--der]\n\nWrites the card's CA certificate, for a guest's trust store.\n\nflags:")
 	out := fs.String("out", "", "write to FILE instead of standard output")
@@ -543,11 +592,10 @@ func runCardExportCA(_ context.Context, env *environ, args []string) error {
 	if err != nil {
 		return err
 	}
-	c, err := store.Open(dir)
+	ca, err := cardCA(dir)
 	if err != nil {
 		return err
 	}
-	ca := c.CA()
 	if ca == nil {
 		return fmt.Errorf("card %s has no CA certificate (it was imported without --ca); re-import with --ca FILE", dir)
 	}
@@ -564,6 +612,22 @@ func runCardExportCA(_ context.Context, env *environ, args []string) error {
 		return fmt.Errorf("export CA: %w", err)
 	}
 	return nil
+}
+
+// cardCA returns the CA certificate stored with a card of either type.
+func cardCA(dir string) (*x509.Certificate, error) {
+	if t, err := store.Type(dir); err == nil && t == store.TypePIV {
+		c, err := store.OpenPIV(dir, store.PIVOpenOptions{})
+		if err != nil {
+			return nil, err
+		}
+		return c.CA(), nil
+	}
+	c, err := store.Open(dir)
+	if err != nil {
+		return nil, err
+	}
+	return c.CA(), nil
 }
 
 func printCredsShort(w io.Writer, c *store.Card) {
@@ -588,10 +652,13 @@ func serialHex(c *x509.Certificate) string {
 }
 
 func runCardShow(_ context.Context, env *environ, args []string) error {
-	fs := newFlagSet(env, "card show", "usage: vscard card show DIR\n\nPrints a card's certificates and PIN state.")
+	fs := newFlagSet(env, "card show", "usage: vscard card show DIR\n\nPrints a card's certificates and PIN state (PIV: slots, PIN and PUK state; never secrets).")
 	dir, err := parseDir(fs, args)
 	if err != nil {
 		return err
+	}
+	if t, err := store.Type(dir); err == nil && t == store.TypePIV {
+		return showPIV(env, dir)
 	}
 	c, err := store.Open(dir)
 	if err != nil {

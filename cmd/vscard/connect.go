@@ -23,7 +23,6 @@ import (
 	"github.com/vscard/vscard/internal/netutil"
 	"github.com/vscard/vscard/token"
 	"github.com/vscard/vscard/token/nss"
-	"github.com/vscard/vscard/token/store"
 	"github.com/vscard/vscard/vscard"
 )
 
@@ -164,19 +163,11 @@ func runConnect(ctx context.Context, env *environ, args []string) error {
 	if *usePCSC {
 		// Below: a Bridge drives the readers instead of a fixed card.
 	} else if *cardDir != "" {
-		tok, err := store.OpenWith(*cardDir, store.OpenOptions{Logger: log})
+		oc, err := openCardDir(*cardDir, *strict, log)
 		if err != nil {
 			return err
 		}
-		for _, w := range tok.Warnings() {
-			log.Warn(w, "card", *cardDir)
-		}
-		cc, err := cac.New(tok, cac.Options{Strict: *strict, Logger: log})
-		if err != nil {
-			return fmt.Errorf("card %s: %w", *cardDir, err)
-		}
-		c = cc
-		desc = describeCard(*cardDir, tok.Credentials())
+		c, desc = oc.card, oc.desc
 	} else if *nssDB != "" {
 		db, tok, err := openNSS(*nssDB, *certs, log)
 		if err != nil {

@@ -20,7 +20,6 @@ import (
 	"github.com/vscard/vscard/card/passthru"
 	"github.com/vscard/vscard/ccid"
 	"github.com/vscard/vscard/token/nss"
-	"github.com/vscard/vscard/token/store"
 )
 
 // readerApp is a running "vscard reader": one ccid.Reader, its slots'
@@ -102,18 +101,11 @@ func newReaderApp(ctx context.Context, cfg *readerConfig, log *slog.Logger, trac
 		s := &readerSlot{idx: i, spec: spec}
 		switch spec.kind {
 		case srcCard:
-			tok, err := store.OpenWith(spec.arg, store.OpenOptions{Logger: log})
+			oc, err := openCardDir(spec.arg, false, log.With("slot", i))
 			if err != nil {
 				return nil, fmt.Errorf("slot %d: %w", i, err)
 			}
-			for _, w := range tok.Warnings() {
-				log.Warn(w, "card", spec.arg, "slot", i)
-			}
-			c, err := cac.New(tok, cac.Options{Logger: log.With("slot", i)})
-			if err != nil {
-				return nil, fmt.Errorf("slot %d: card %s: %w", i, spec.arg, err)
-			}
-			s.card, s.desc = c, describeCard(spec.arg, tok.Credentials())
+			s.card, s.desc = oc.card, oc.desc
 		case srcNSS:
 			db, tok, err := openNSS(spec.arg, spec.certs, log)
 			if err != nil {

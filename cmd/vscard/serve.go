@@ -13,7 +13,7 @@ import (
 	"strings"
 	"sync"
 
-	"github.com/vscard/vscard/card/cac"
+	"github.com/vscard/vscard/card"
 	"github.com/vscard/vscard/token/store"
 	"github.com/vscard/vscard/vpcd"
 )
@@ -87,27 +87,24 @@ func runServe(ctx context.Context, env *environ, args []string) error {
 	// directory does not leave the first card half-served.
 	type slot struct {
 		dir, addr string
-		card      *cac.Card
+		card      card.Card
 	}
 	slots := make([]slot, len(cards))
 	for i, dir := range cards {
-		tok, err := store.OpenWith(dir, store.OpenOptions{Logger: log.With("card", dir)})
+		oc, err := openCardDir(dir, *strict, log.With("card", dir))
 		if err != nil {
 			return err
 		}
-		for _, w := range tok.Warnings() {
-			log.Warn(w, "card", dir)
-		}
-		c, err := cac.New(tok, cac.Options{Strict: *strict, Logger: log.With("card", dir)})
-		if err != nil {
-			return fmt.Errorf("card %s: %w", dir, err)
-		}
-		slots[i] = slot{dir: dir, addr: addrs[i], card: c}
+		slots[i] = slot{dir: dir, addr: addrs[i], card: oc.card}
 		mode := "default"
-		if *strict {
+		if *strict && oc.typ == store.TypeCAC {
 			mode = "strict"
 		}
-		log.Info("serving card", "card", dir, "vpcd", addrs[i], "certificates", len(tok.Credentials()), "mode", mode)
+		if oc.typ == store.TypePIV {
+			log.Info("serving card", "card", dir, "vpcd", addrs[i], "type", "piv", "keys", oc.n)
+		} else {
+			log.Info("serving card", "card", dir, "vpcd", addrs[i], "certificates", oc.n, "mode", mode)
+		}
 	}
 
 	ctx, cancel := context.WithCancel(ctx)
