@@ -251,3 +251,25 @@ func TestOpenCardDir(t *testing.T) {
 		t.Errorf("missing dir: %v", err)
 	}
 }
+
+// TestReaderAppPIVCard: vscard reader --card takes a PIV card directory
+// through the same helper and lists it as one.
+func TestReaderAppPIVCard(t *testing.T) {
+	pivDir := filepath.Join(t.TempDir(), "piv")
+	if code, _, errs := runCLI(t, "", "card", "new", pivDir, "--type", "piv", "--key", "p256"); code != exitOK {
+		t.Fatal(errs)
+	}
+	d := shortDir(t)
+	cfg := &readerConfig{vid: 0x08E6, pid: 0x4433,
+		usbredir: &target{Network: "unix", Addr: filepath.Join(d, "no-qemu.sock")},
+		sources:  []sourceSpec{{kind: srcCard, arg: pivDir}, {kind: srcCard, arg: testCard(t)}}}
+	app, err := newReaderApp(context.Background(), cfg, slog.New(slog.DiscardHandler), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer app.close()
+	list := app.handle(context.Background(), "list")
+	if !strings.Contains(list, pivDir+" (PIV, 4 keys: 9a, 9c, 9d, 9e)") || !strings.Contains(list, "3 certificates") {
+		t.Errorf("list:\n%s", list)
+	}
+}
