@@ -421,12 +421,12 @@ func (c *PIVCard) GeneratedSecrets() (pin, puk string, mgmKey []byte) {
 // Object implements piv.Store.
 func (c *PIVCard) Object(tag uint32) ([]byte, error) {
 	if tag == 0 || tag > maxTag {
-		return nil, fmt.Errorf("store: object tag %X: %w (%w)", tag, c.notFound, fs.ErrNotExist)
+		return nil, c.errNotFound(fmt.Sprintf("object tag %X", tag))
 	}
 	path := filepath.Join(c.dir, objFileName(tag))
 	if err := checkPrivate(path, false); err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
-			return nil, fmt.Errorf("store: object %06X: %w (%w)", tag, c.notFound, fs.ErrNotExist)
+			return nil, c.errNotFound(fmt.Sprintf("object %06X", tag))
 		}
 		return nil, fmt.Errorf("store: object %06X: %w", tag, err)
 	}
@@ -435,6 +435,15 @@ func (c *PIVCard) Object(tag uint32) ([]byte, error) {
 		return nil, fmt.Errorf("store: object %06X in %s: %w; restore it from a backup", tag, path, err)
 	}
 	return b, nil
+}
+
+// errNotFound is an absent object's or key's error: it wraps both
+// fs.ErrNotExist and PIVOpenOptions.NotFound.
+func (c *PIVCard) errNotFound(what string) error {
+	if c.notFound == fs.ErrNotExist {
+		return fmt.Errorf("store: %s: %w", what, fs.ErrNotExist)
+	}
+	return fmt.Errorf("store: %s: %w (%w)", what, c.notFound, fs.ErrNotExist)
 }
 
 // PutObject implements piv.Store. An empty value deletes the object.
@@ -470,12 +479,12 @@ func (c *PIVCard) PutObject(tag uint32, value []byte) error {
 // is the same file (a replacement is a new inode, written by rename).
 func (c *PIVCard) Key(ref byte) (token.Key, error) {
 	if !validKeyRef(ref) {
-		return nil, fmt.Errorf("store: key reference %02X: %w (%w)", ref, c.notFound, fs.ErrNotExist)
+		return nil, c.errNotFound(fmt.Sprintf("key reference %02X", ref))
 	}
 	path := filepath.Join(c.dir, keyFileName(ref))
 	fi, err := os.Lstat(path)
 	if errors.Is(err, fs.ErrNotExist) {
-		return nil, fmt.Errorf("store: key %02X: %w (%w)", ref, c.notFound, fs.ErrNotExist)
+		return nil, c.errNotFound(fmt.Sprintf("key %02X", ref))
 	}
 	if err != nil {
 		return nil, fmt.Errorf("store: key %02X: %w", ref, err)

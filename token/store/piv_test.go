@@ -697,3 +697,48 @@ func TestImportPIV(t *testing.T) {
 		})
 	}
 }
+
+// Benchmarks of what a PIV command costs the store: a signature's key
+// lookup (cached while the file is unchanged), an object read (GET DATA),
+// and a durable object write (PUT DATA: temp file, fsync, rename, fsync).
+func BenchmarkPIVKey(b *testing.B) {
+	dir := filepath.Join(b.TempDir(), "card")
+	o := fastPIV()
+	o.KeyType = "rsa2048"
+	c, err := CreatePIV(dir, o)
+	if err != nil {
+		b.Fatal(err)
+	}
+	for b.Loop() {
+		if _, err := c.Key(0x9A); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+func BenchmarkPIVObject(b *testing.B) {
+	dir := filepath.Join(b.TempDir(), "card")
+	c, err := CreatePIV(dir, fastPIV())
+	if err != nil {
+		b.Fatal(err)
+	}
+	for b.Loop() {
+		if _, err := c.Object(0x5FC102); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+func BenchmarkPIVPutObject(b *testing.B) {
+	dir := filepath.Join(b.TempDir(), "card")
+	c, err := CreatePIV(dir, fastPIV())
+	if err != nil {
+		b.Fatal(err)
+	}
+	v := make([]byte, 1024)
+	for b.Loop() {
+		if err := c.PutObject(0x5FC109, v); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
