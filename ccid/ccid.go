@@ -110,9 +110,14 @@ type Reader struct {
 	// maxQueued bounds the answers waiting on bulk IN before Out blocks.
 	maxQueued int
 
-	mu         sync.Mutex
-	wake       chan struct{} // closed and replaced on every state change
-	gen        uint64        // bumped by Reset: answers of older commands are dropped
+	mu   sync.Mutex
+	wake chan struct{} // closed and replaced on every state change
+	// intrWake is closed and replaced only on what the interrupt
+	// endpoint reports (slot changes, halt, reset, configuration), so
+	// that the poller waiting in interruptIn sleeps through the bulk
+	// traffic of every APDU instead of waking for each message.
+	intrWake   chan struct{}
+	gen        uint64 // bumped by Reset: answers of older commands are dropped
 	configured uint8
 	halted     map[uint8]bool // endpoints halted by SET_FEATURE(ENDPOINT_HALT)
 
@@ -159,6 +164,7 @@ func New(opts *Options) *Reader {
 		timeExtEvery: time.Second,
 		maxQueued:    16,
 		wake:         make(chan struct{}),
+		intrWake:     make(chan struct{}),
 		halted:       map[uint8]bool{},
 		notify:       true,
 	}
@@ -194,8 +200,18 @@ func New(opts *Options) *Reader {
 // Slots returns the number of slots.
 func (r *Reader) Slots() int { return len(r.slots) }
 
-// broadcast wakes every waiter; r.mu must be held.
+// broadcast wakes every waiter, the interrupt poller included; r.mu
+// must be held.
 func (r *Reader) broadcast() {
+	r.dataChanged()
+	close(r.intrWake)
+	r.intrWake = make(chan struct{})
+}
+
+// dataChanged wakes the waiters of the bulk pipes (In, Out waiting for
+// room, Remove waiting for a command to end) but not the interrupt poller:
+// an answer queued or read is no slot news. r.mu must be held.
+func (r *Reader) dataChanged() {
 	close(r.wake)
 	r.wake = make(chan struct{})
 }
@@ -358,11 +374,11 @@ func (r *Reader) bulkIn(ctx context.Context, max int) ([]byte, error) {
 				m.taken = true
 				r.queue[0] = nil
 				r.queue = r.queue[1:]
-				r.broadcast() // Out may be waiting for room
+				r.dataChanged() // Out may be waiting for room
 			}
 			return out, nil
 		}
-		if err := r.waitLocked(ctx, gen); err != nil {
+		if err := r.waitLocked(ctx, gen, r.wake); err != nil {
 			return nil, err
 		}
 	}
@@ -375,10 +391,10 @@ func max0(n int) int {
 	return n
 }
 
-// waitLocked waits for a state change with r.mu held (it is released
-// while waiting). It fails when ctx ends or the device is reset.
-func (r *Reader) waitLocked(ctx context.Context, gen uint64) error {
-	w := r.wake
+// waitLocked waits for w (r.wake or r.intrWake) to be closed with r.mu
+// held (it is released while waiting). It fails when ctx ends or the
+// device is reset.
+func (r *Reader) waitLocked(ctx context.Context, gen uint64, w chan struct{}) error {
 	r.mu.Unlock()
 	select {
 	case <-w:
@@ -413,7 +429,7 @@ func (r *Reader) interruptIn(ctx context.Context, max int) ([]byte, error) {
 			r.intr = r.intr[n:]
 			return out, nil
 		}
-		if err := r.waitLocked(ctx, gen); err != nil {
+		if err := r.waitLocked(ctx, gen, r.intrWake); err != nil {
 			return nil, err
 		}
 	}

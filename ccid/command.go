@@ -112,7 +112,7 @@ func (s *slot) iccStatus() byte {
 func (r *Reader) queueLocked(b []byte) *outMsg {
 	m := &outMsg{b: b}
 	r.queue = append(r.queue, m)
-	r.broadcast()
+	r.dataChanged()
 	return m
 }
 
@@ -135,7 +135,7 @@ func (r *Reader) Out(ctx context.Context, ep uint8, data []byte) error {
 	// A host that sends without reading is held off here, at the start of
 	// a message (a NAK on the bus), so answers cannot pile up unbounded.
 	for len(r.outBuf) == 0 && len(r.queue)+r.running >= r.maxQueued {
-		if err := r.waitLocked(ctx, gen); err != nil {
+		if err := r.waitLocked(ctx, gen, r.wake); err != nil {
 			return err
 		}
 	}
@@ -383,7 +383,11 @@ func (r *Reader) run(ctx context.Context, cancel context.CancelFunc, s *slot, f 
 	defer func() {
 		s.busy, s.cancel = false, nil
 		r.running--
-		r.broadcast()
+		if s.changed {
+			r.broadcast() // the card failed and left: slot news
+		} else {
+			r.dataChanged()
+		}
 	}()
 	if r.gen != gen {
 		// Reset while the card worked: the answer is for a host that
@@ -447,28 +451,33 @@ func (r *Reader) run(ctx context.Context, cancel context.CancelFunc, s *slot, f 
 // not read is not flooded. libccid keeps waiting on each, multiplying its
 // timeout by bError (protocols.md §4.2).
 func (r *Reader) timeExtensions(s *slot, f []byte, gen uint64) (stop func()) {
-	done := make(chan struct{})
-	exited := make(chan struct{})
-	go func() {
-		defer close(exited)
-		t := time.NewTimer(r.timeExt)
-		defer t.Stop()
-		for {
-			select {
-			case <-done:
-				return
-			case <-t.C:
-			}
-			r.mu.Lock()
-			if r.gen == gen && (s.ext == nil || s.ext.taken) {
-				s.ext = r.queueLocked(message(rspDataBlock, f[5], f[6], iccActive|cmdTimeExt, 1, 0, nil))
-			}
-			r.mu.Unlock()
-			t.Reset(r.timeExtEvery)
+	// A timer, not a goroutine with a timer: nearly every command ends
+	// before r.timeExt, and then no goroutine was ever started for it.
+	var (
+		t       *time.Timer
+		stopped bool // under r.mu
+	)
+	// t is set under r.mu, which the callback takes before it uses t.
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	t = time.AfterFunc(r.timeExt, func() {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		if stopped {
+			return
 		}
-	}()
+		if r.gen == gen && (s.ext == nil || s.ext.taken) {
+			s.ext = r.queueLocked(message(rspDataBlock, f[5], f[6], iccActive|cmdTimeExt, 1, 0, nil))
+		}
+		t.Reset(r.timeExtEvery)
+	})
 	return func() {
-		close(done)
-		<-exited // no extension may follow the final answer
+		t.Stop()
+		// A callback already running sees stopped once it has the lock,
+		// and the final answer is queued under the lock after this: no
+		// extension may follow it.
+		r.mu.Lock()
+		stopped = true
+		r.mu.Unlock()
 	}
 }

@@ -12,6 +12,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -33,6 +34,7 @@ type fakeDev struct {
 	bulkIn   chan []byte
 	intrIn   chan []byte
 	blockOut chan struct{} // non-nil: Out waits for it
+	outDone  []bool        // per Out call: was its ctx already done
 }
 
 func newFakeDev() *fakeDev {
@@ -86,6 +88,7 @@ func (d *fakeDev) Control(ctx context.Context, s usb.Setup, data []byte) ([]byte
 func (d *fakeDev) Out(ctx context.Context, ep uint8, data []byte) error {
 	d.mu.Lock()
 	block := d.blockOut
+	d.outDone = append(d.outDone, ctx.Err() != nil)
 	d.mu.Unlock()
 	if block != nil {
 		select {
@@ -954,6 +957,61 @@ func TestQueueBound(t *testing.T) {
 		if r.body[1] != statusSuccess {
 			t.Errorf("queued id %d status %d", r.id, r.body[1])
 		}
+	}
+}
+
+// TestBulkTriedInline: a bulk transfer on an idle endpoint is first
+// offered to the device with a done ctx, by the reader (session.bulk); a
+// device that cannot take it at once gets it again from the endpoint's
+// worker with a live ctx. Each transfer reaches the device once, in order.
+func TestBulkTriedInline(t *testing.T) {
+	s := start(t, qemuCaps)
+	p := s.peer
+	p.announce()
+	c := p.codec
+	hl := c.bulkHeaderLen()
+	in := func(id uint64, want string) {
+		t.Helper()
+		p.send(typeBulkPacket, id, bulkHdr(c, 0x82, 64), nil)
+		if r := p.expect(typeBulkPacket, id, hl+len(want)); string(r.body[hl:]) != want {
+			t.Errorf("IN %d got %q, want %q", id, r.body[hl:], want)
+		}
+	}
+	p.send(typeBulkPacket, 1, bulkHdr(c, 0x03, 3), []byte("abc"))
+	if r := p.expect(typeBulkPacket, 1, hl); r.body[1] != statusSuccess {
+		t.Fatalf("OUT 1 status %d", r.body[1])
+	}
+	in(2, "re:abc")
+
+	release := make(chan struct{})
+	s.dev.mu.Lock()
+	s.dev.blockOut = release
+	s.dev.mu.Unlock()
+	p.send(typeBulkPacket, 3, bulkHdr(c, 0x03, 3), []byte("def"))
+	p.send(typeBulkPacket, 4, bulkHdr(c, 0x03, 3), []byte("ghi"))
+	p.expectNothing(100 * time.Millisecond)
+	close(release)
+	for id := uint64(3); id <= 4; id++ {
+		if r := p.expect(typeBulkPacket, id, hl); r.body[1] != statusSuccess {
+			t.Fatalf("OUT %d status %d", id, r.body[1])
+		}
+	}
+	in(5, "re:def")
+	in(6, "re:ghi")
+
+	s.dev.mu.Lock()
+	defer s.dev.mu.Unlock()
+	var got []string
+	for _, o := range s.dev.outs {
+		got = append(got, string(o))
+	}
+	if want := []string{"abc", "def", "ghi"}; !slices.Equal(got, want) {
+		t.Errorf("device got %q, want %q", got, want)
+	}
+	// abc: taken at the first try; def: refused by the blocked device,
+	// then from the worker; ghi: straight to the busy endpoint's worker.
+	if want := []bool{true, true, false, false}; !slices.Equal(s.dev.outDone, want) {
+		t.Errorf("Out calls with a done ctx: %v, want %v", s.dev.outDone, want)
 	}
 }
 
