@@ -66,7 +66,7 @@ type Options struct {
 	// command data). Nil discards.
 	Logger *slog.Logger
 	// Version is the firmware version GET VERSION (INS FD) reports, as
-	// major, minor, patch. Zero means DefaultVersion.
+	// major, minor, patch. Zero means DefaultVersion().
 	Version [3]byte
 	// Serial is what GET SERIAL (INS F8) reports. Zero means a number
 	// derived from the CHUID's GUID, so every card differs.
@@ -76,21 +76,22 @@ type Options struct {
 	Rand io.Reader
 }
 
-// DefaultVersion is the YubiKey firmware version the card reports. From 5.0
-// on, yubico-piv-tool reads the serial with GET SERIAL on the PIV
-// application instead of selecting Yubico's OTP applet, and treats the
-// card as a YubiKey 5, whose command set (ECC P-384, PIN policies) is the
-// one this card implements.
-var DefaultVersion = [3]byte{5, 2, 7}
+// DefaultVersion returns the YubiKey firmware version the card reports,
+// 5.2.7. From 5.0 on, yubico-piv-tool reads the serial with GET SERIAL on
+// the PIV application instead of selecting Yubico's OTP applet, and treats
+// the card as a YubiKey 5, whose command set (ECC P-384, PIN policies) is
+// the one this card implements. Below 5.3, newer Yubico tools do not ask
+// for GET METADATA (INS F7), which the card does not implement.
+func DefaultVersion() [3]byte { return [3]byte{5, 2, 7} }
 
-// ATR is the card's answer-to-reset: TS 3B; T0 8A (TD1 follows, 10
+// atr is the card's answer-to-reset: TS 3B; T0 8A (TD1 follows, 10
 // historical bytes); TD1 80 (T=0, TD2 follows); TD2 01 (T=1); historical
 // bytes "vscard PIV"; TCK. It offers T=0 because QEMU 7.2's usb-ccid
 // speaks only T=0 (peers.md), and T=1 because yubico-piv-tool connects
 // with SCARD_PROTOCOL_T1 only. It is not the CAC ATR, and no OpenSC
 // driver ahead of PIV-II claims it, so OpenSC's PIV driver finds the
 // application by SELECT.
-var ATR = atrWithTCK([]byte{0x3B, 0x8A, 0x80, 0x01, 'v', 's', 'c', 'a', 'r', 'd', ' ', 'P', 'I', 'V'})
+var atr = atrWithTCK([]byte{0x3B, 0x8A, 0x80, 0x01, 'v', 's', 'c', 'a', 'r', 'd', ' ', 'P', 'I', 'V'})
 
 func atrWithTCK(b []byte) []byte {
 	var x byte
@@ -152,14 +153,14 @@ func New(st Store, opts Options) (*Card, error) {
 		c.rand = rand.Reader
 	}
 	if c.version == [3]byte{} {
-		c.version = DefaultVersion
+		c.version = DefaultVersion()
 	}
 	if c.serial == 0 {
 		c.serial = serialFrom(st)
 	}
 	c.app = &application{c: c}
 	c.eng = card.NewEngine(card.Config{
-		ATR:      ATR,
+		ATR:      atr,
 		Applets:  []card.Applet{c.app},
 		MatchAID: matchAID,
 		// The PIV application is the card's default application:

@@ -313,9 +313,9 @@ func mustHex(t testing.TB, s string) []byte {
 }
 
 func TestATR(t *testing.T) {
-	a, err := card.ParseATR(ATR)
+	a, err := card.ParseATR(atr)
 	if err != nil {
-		t.Fatalf("ParseATR(%X): %v", ATR, err)
+		t.Fatalf("ParseATR(%X): %v", atr, err)
 	}
 	var ts []int
 	for _, g := range a.Groups {
@@ -326,11 +326,11 @@ func TestATR(t *testing.T) {
 	if fmt.Sprint(ts) != "[0 1]" {
 		t.Errorf("ATR offers protocols %v, want T=0 (QEMU usb-ccid) and T=1 (yubico-piv-tool)", ts)
 	}
-	if len(ATR) > card.MaxATRLen {
-		t.Errorf("ATR of %d bytes", len(ATR))
+	if len(atr) > card.MaxATRLen {
+		t.Errorf("ATR of %d bytes", len(atr))
 	}
 	cac := []byte{0x3B, 0x7A, 0x18, 0x00, 0x00, 0x73, 0x66, 0x74, 0x65, 0x20, 0x63, 0x64, 0x31, 0x34, 0x34}
-	if bytes.Equal(ATR, cac) {
+	if bytes.Equal(atr, cac) {
 		t.Error("PIV ATR is the CAC ATR")
 	}
 }

@@ -299,7 +299,7 @@ func TestPIVYubicoPivTool(t *testing.T) {
 		}
 	}
 
-	v := piv.DefaultVersion
+	v := piv.DefaultVersion()
 	out := mustYK("PIN tries left:\t3", "-a", "status")
 	if want := fmt.Sprintf("Version:\t%d.%d.%d", v[0], v[1], v[2]); !strings.Contains(out, want) {
 		t.Errorf("status lacks %q:\n%s", want, out)
