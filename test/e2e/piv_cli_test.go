@@ -276,3 +276,75 @@ func cliSameCertPEM(t *testing.T, a, b string) bool {
 	}
 	return bytes.Equal(der(a), der(b))
 }
+
+// TestPIVCLIImport: a card imported from a PKCS#12 file (EC P-256, 9A)
+// and a PEM pair (RSA-2048, 9C) serves those certificates after a
+// restart, and signs with both keys (9C through the PIN-always policy).
+func TestPIVCLIImport(t *testing.T) {
+	e := newEnv(t)
+	m := openscModule(t)
+	ecKey, ecCert := e.path("ec-key.pem"), e.path("ec-cert.pem")
+	e.must("openssl", "ecparam", "-genkey", "-name", "prime256v1", "-noout", "-out", ecKey)
+	e.must("openssl", "req", "-new", "-x509", "-key", ecKey, "-subj", "/CN=Imported EC", "-days", "30", "-out", ecCert)
+	p12 := e.path("ec.p12")
+	e.must("openssl", "pkcs12", "-export", "-in", ecCert, "-inkey", ecKey, "-passout", "pass:", "-out", p12)
+	rsaKey, rsaCert := e.path("rsa-key.pem"), e.path("rsa-cert.pem")
+	e.must("openssl", "genrsa", "-out", rsaKey, "2048")
+	e.must("openssl", "req", "-new", "-x509", "-key", rsaKey, "-subj", "/CN=Imported RSA", "-days", "30", "-out", rsaCert)
+
+	dir := filepath.Join(e.dir, "card")
+	if r := e.vscard("card", "import", dir, "--type", "piv", "--slot", "9a="+p12, "--slot", "9c="+rsaCert+","+rsaKey,
+		"--pin", cliPIN, "--puk", cliPUK, "--mgm-key", cliMgmKey, "--mgm-alg", "3des"); r.code != 0 {
+		t.Fatalf("card import --type piv:\n%s", r)
+	}
+	cards := []card{{dir: dir, slot: 0}}
+	srv := e.serve(cards)
+	srv = srv.restart(cards)
+
+	for _, s := range []struct {
+		id, cert, mech string
+	}{
+		{"01", ecCert, "ECDSA"},
+		{"02", rsaCert, "SHA256-RSA-PKCS"},
+	} {
+		got := e.path("read-" + s.id + ".der")
+		if r := e.p11(m, "--read-object", "--type", "cert", "--id", s.id, "-o", got); r.code != 0 {
+			t.Fatalf("reading certificate %s:\n%s", s.id, r)
+		}
+		gotDER, _ := os.ReadFile(got)
+		wantPEM, _ := os.ReadFile(s.cert)
+		blk, _ := pem.Decode(wantPEM)
+		if blk == nil || !bytes.Equal(gotDER, blk.Bytes) {
+			t.Errorf("certificate %s on the card is not the imported one", s.id)
+		}
+		pub, stderr, err := e.stdout("openssl", "x509", "-in", s.cert, "-pubkey", "-noout")
+		if err != nil {
+			t.Fatalf("openssl x509: %v\n%s", err, stderr)
+		}
+		pubPath := e.path("pub-" + s.id + ".pem")
+		if err := os.WriteFile(pubPath, pub, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		data, _ := e.writeRandom("data-"+s.id, 80)
+		in := data
+		args := []string{"--login", "--pin", cliPIN, "--sign", "--id", s.id, "-m", s.mech}
+		if s.mech == "ECDSA" {
+			h, stderr, err := e.stdout("openssl", "dgst", "-sha256", "-binary", data)
+			if err != nil {
+				t.Fatalf("openssl dgst: %v\n%s", err, stderr)
+			}
+			in = e.path("hash-" + s.id)
+			if err := os.WriteFile(in, h, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			args = append(args, "--signature-format", "openssl")
+		}
+		sig := e.path("sig-" + s.id)
+		if r := e.p11(m, append(args, "-i", in, "-o", sig)...); r.code != 0 {
+			t.Fatalf("signing with key %s:\n%s\nvscard serve log:\n%s", s.id, r, srv.log())
+		}
+		if v := e.run("openssl", "dgst", "-sha256", "-verify", pubPath, "-signature", sig, data); v.code != 0 || !strings.Contains(v.out, "Verified OK") {
+			t.Errorf("openssl does not verify key %s's signature:\n%s", s.id, v)
+		}
+	}
+}
