@@ -139,6 +139,8 @@ func (c *Card) dispatch(ctx context.Context, cmd apdu.Command) (apdu.Response, e
 		return apdu.OK(b[:]), nil
 	case insYKSetMgmKey:
 		return c.setManagementKey(cmd), nil
+	case insYKImportKey:
+		return c.importKey(cmd), nil
 	}
 	return apdu.Status(apdu.SWINSNotSupported), nil
 }

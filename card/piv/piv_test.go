@@ -806,3 +806,63 @@ func TestYubicoExtensions(t *testing.T) {
 		t.Errorf("serials %X and %X", sa, sb)
 	}
 }
+
+// TestImportKey: Yubico's IMPORT KEY stores RSA (CRT parts) and EC keys
+// the card then uses, and refuses inconsistent ones.
+func TestImportKey(t *testing.T) {
+	c, st := newTestCard(t)
+	rk := testKeys()["rsa2048"].(*rsa.PrivateKey)
+	ek := testKeys()["p384"].(*ecdsa.PrivateKey)
+	pad := func(b []byte, n int) []byte { return append(make([]byte, n-len(b)), b...) }
+	rsaData := func(dp *big.Int) []byte {
+		var out []byte
+		for i, v := range []*big.Int{rk.Primes[0], rk.Primes[1], dp, rk.Precomputed.Dq, rk.Precomputed.Qinv} {
+			out = tlv.AppendBER(out, uint32(i+1), pad(v.Bytes(), 128))
+		}
+		return append(out, 0xAA, 0x01, 0x01, 0xAB, 0x01, 0x01)
+	}
+	good := rsaData(rk.Precomputed.Dp)
+	if _, sw := send(t, c, 0xFE, AlgRSA2048, KeyAuthentication, good); sw != apdu.SWSecurityNotSatisfied {
+		t.Fatalf("without management key: %v", sw)
+	}
+	if sw := authenticate(t, c, AlgTDES, defaultMgmKey); sw != apdu.SWOK {
+		t.Fatal(sw)
+	}
+	if _, sw := send(t, c, 0xFE, AlgRSA2048, KeyAuthentication, rsaData(new(big.Int).Add(rk.Precomputed.Dp, big.NewInt(2)))); sw != apdu.SWWrongData {
+		t.Errorf("inconsistent dp: %v", sw)
+	}
+	if _, sw := send(t, c, 0xFE, AlgRSA3072, KeyAuthentication, good); sw != apdu.SWWrongData {
+		t.Errorf("RSA-2048 parts as RSA-3072: %v", sw)
+	}
+	if _, sw := send(t, c, 0xFE, AlgRSA2048, KeyAuthentication, good); sw != apdu.SWOK {
+		t.Fatalf("import RSA: %v", sw)
+	}
+	scalar := pad(ek.D.Bytes(), 48)
+	if _, sw := send(t, c, 0xFE, AlgECCP256, KeyManagement, tlv.AppendBER(nil, 0x06, scalar)); sw != apdu.SWWrongData {
+		t.Errorf("P-384 scalar as P-256: %v", sw)
+	}
+	if _, sw := send(t, c, 0xFE, AlgECCP384, KeyManagement, tlv.AppendBER(nil, 0x06, scalar)); sw != apdu.SWOK {
+		t.Fatalf("import EC: %v", sw)
+	}
+	if _, sw := send(t, c, 0xFE, AlgECCP384, 0x9B, tlv.AppendBER(nil, 0x06, scalar)); sw != apdu.SWIncorrectP1P2 {
+		t.Errorf("import into 9B: %v", sw)
+	}
+	for ref, want := range map[byte]crypto.PublicKey{KeyAuthentication: &rk.PublicKey, KeyManagement: &ek.PublicKey} {
+		k, err := st.Key(ref)
+		if err != nil || !k.Public().(interface{ Equal(crypto.PublicKey) bool }).Equal(want) {
+			t.Fatalf("key %02X: %v", ref, err)
+		}
+	}
+	// The imported keys work.
+	verifyPIN(t, c, "123456")
+	block, h := pkcs1Block(t, &rk.PublicKey, []byte("imported"))
+	sig, sw := ga(t, c, AlgRSA2048, KeyAuthentication, 0x81, block)
+	if sw != apdu.SWOK || rsa.VerifyPKCS1v15(&rk.PublicKey, crypto.SHA256, h, sig) != nil {
+		t.Fatalf("signature with the imported RSA key: %v", sw)
+	}
+	d := sha256.Sum256([]byte("imported"))
+	sig, sw = ga(t, c, AlgECCP384, KeyManagement, 0x81, d[:])
+	if sw != apdu.SWOK || !ecdsa.VerifyASN1(&ek.PublicKey, d[:], sig) {
+		t.Fatalf("signature with the imported EC key: %v", sw)
+	}
+}

@@ -395,6 +395,15 @@ func TestPIVYubicoPivTool(t *testing.T) {
 
 	// The card signs with the key it generated, through OpenSC.
 	pivSignVerifyWith(t, e, mod, pivYKPIN, "01", certPEM)
+
+	// A key made by openssl, imported into 9E with its certificate
+	// (Yubico's IMPORT KEY), signs too.
+	keyPEM, cert9e := e.path("9e-key.pem"), e.path("9e-cert.pem")
+	e.must("openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", keyPEM)
+	e.must("openssl", "req", "-x509", "-new", "-key", keyPEM, "-subj", "/CN=vscard imported/", "-days", "2", "-out", cert9e)
+	mustYK("Successfully imported a new private key", "-a", "import-key", "-s", "9e", "-i", keyPEM)
+	mustYK("Successfully imported a new certificate", "-a", "import-certificate", "-s", "9e", "-i", cert9e)
+	pivSignVerifyWith(t, e, mod, pivYKPIN, "04", cert9e)
 }
 
 // pivSignVerifyWith signs with pkcs11-tool and verifies with openssl
