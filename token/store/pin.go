@@ -139,6 +139,11 @@ func (p *pin) stateError(err error) error {
 	if what == "" {
 		what = "PIN"
 	}
+	if !p.inline() {
+		return fmt.Errorf("store: %s retry counter %s: %w; it is never reset automatically: restore it from a backup, or if you own this card write {\"version\":1,\"tries_left\":N} to it (that unblocks the %s)", what, p.statePath(), err, what)
+	}
+	// A PIV state file also holds the hash, so it cannot be rewritten
+	// from nothing.
 	return fmt.Errorf("store: %s retry counter %s: %w; it is never reset automatically: restore it from a backup, or if you own this card set \"tries_left\" in it to N (that unblocks the %s)", what, p.statePath(), err, what)
 }
 
