@@ -22,15 +22,16 @@ piv_sign() {
 }
 # signed NAME rsa|ec [slot options]: sign (retrying for 30 s while the card
 # comes up or changes) and send the signature as step NAME, with the time
-# the successful pkcs11-tool run took; then the 9A certificate as OpenSC
+# the successful pkcs11-tool run took and the attempts made; then the 9A certificate as OpenSC
 # reads it, as step NAME-cert. The host verifies one with the other and
 # checks the certificate is the card's. On failure the step shows the last
 # attempt's output and its APDUs from pcscd's log.
 signed() {
   _n=$1 _kind=$2; shift 2
   _end=$(($(ms) + 30000))
-  _s=1
+  _s=1 _tries=0
   while :; do
+    _tries=$((_tries + 1))
     _from=$(($(wc -l </tmp/pcscd.log) + 1))
     _t0=$(ms)
     if piv_sign "$_kind" /tmp/$_n.sig "$@" >/tmp/$_n.out 2>&1 && [ -s /tmp/$_n.sig ]; then _s=0; break; fi
@@ -40,7 +41,7 @@ signed() {
   _t1=$(ms)
   echo "@@BEGIN $_n"
   if [ $_s = 0 ]; then
-    echo "sign_ms=$((_t1 - _t0))"
+    echo "sign_ms=$((_t1 - _t0)) attempts=$_tries"
     base64 </tmp/$_n.sig
   else
     cat /tmp/$_n.out
