@@ -13,24 +13,19 @@ import (
 // Instruction bytes (SP 800-73-4 Part 2 §3; Yubico's vendor extensions
 // as yubico-piv-tool's ykpiv.h names them).
 const (
-	insSelect         = 0xA4
-	insGetResponse    = 0xC0
-	insVerify         = 0x20
-	insChangeRef      = 0x24
-	insResetRetry     = 0x2C
-	insGenAuth        = 0x87
-	insGenerate       = 0x47
-	insGetData        = 0xCB
-	insPutData        = 0xDB
-	insYKGetVersion   = 0xFD
-	insYKGetSerial    = 0xF8
-	insYKSetMgmKey    = 0xFF
-	insYKSetPINRetry  = 0xFA
-	insYKImportKey    = 0xFE
-	insYKGetMetadata  = 0xF7
-	insYKAttest       = 0xF9
-	insYKResetApplet  = 0xFB
-	insYKGetSerialOld = 0x01
+	insSelect       = 0xA4
+	insGetResponse  = 0xC0
+	insVerify       = 0x20
+	insChangeRef    = 0x24
+	insResetRetry   = 0x2C
+	insGenAuth      = 0x87
+	insGenerate     = 0x47
+	insGetData      = 0xCB
+	insPutData      = 0xDB
+	insYKGetVersion = 0xFD
+	insYKGetSerial  = 0xF8
+	insYKSetMgmKey  = 0xFF
+	insYKImportKey  = 0xFE
 )
 
 // Status words ISO 7816-4 names that package apdu does not.

@@ -19,9 +19,9 @@
 // ASYMMETRIC KEY PAIR and PUT DATA need the card management key (9B).
 //
 // The card also answers the Yubico vendor commands yubico-piv-tool relies
-// on (GET VERSION, GET SERIAL, SET MANAGEMENT KEY), reporting
-// Options.Version, so the tool stays on the code paths the card
-// implements. PINs and keys are never logged.
+// on (GET VERSION, GET SERIAL, SET MANAGEMENT KEY, IMPORT KEY), reporting
+// firmware 5.2.7 unless Options.Version says otherwise, so the tool stays
+// on the code paths the card implements. PINs and keys are never logged.
 package piv
 
 import (
