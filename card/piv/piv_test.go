@@ -866,3 +866,41 @@ func TestImportKey(t *testing.T) {
 		t.Fatalf("signature with the imported EC key: %v", sw)
 	}
 }
+
+// TestCountersSurviveRestart: the retry counters live in the Store, so a
+// new Card on the same store (a restarted vscard) sees them.
+func TestCountersSurviveRestart(t *testing.T) {
+	_, st := newTestCard(t)
+	restart := func() *Card {
+		c, err := New(st, Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	c := restart()
+	for _, want := range []apdu.SW{0x63C2, 0x63C1, 0x63C0} {
+		if _, sw := send(t, c, 0x20, 0x00, 0x80, pinBlock("999999")); sw != want {
+			t.Fatalf("wrong PIN: %v, want %v", sw, want)
+		}
+	}
+	c = restart()
+	if _, sw := tx(t, c, mustHex(t, "0020008000")); sw != apdu.SWAuthBlocked {
+		t.Fatalf("after restart: %v, want 69 83", sw)
+	}
+	if _, sw := send(t, c, 0x2C, 0x00, 0x80, append([]byte("12345670"), pinBlock("999999")...)); sw != 0x63C2 {
+		t.Fatalf("wrong PUK: %v", sw)
+	}
+	c = restart()
+	if _, sw := tx(t, c, mustHex(t, "0020008100")); sw != 0x63C2 {
+		t.Fatalf("PUK counter after restart: %v, want 63 C2", sw)
+	}
+	if _, sw := send(t, c, 0x2C, 0x00, 0x80, append([]byte("12345678"), pinBlock("246810")...)); sw != apdu.SWOK {
+		t.Fatalf("unblock: %v", sw)
+	}
+	c = restart()
+	if _, sw := tx(t, c, mustHex(t, "0020008000")); sw != 0x63C3 {
+		t.Fatalf("after unblock and restart: %v, want 63 C3", sw)
+	}
+	verifyPIN(t, c, "246810")
+}
