@@ -82,12 +82,18 @@ func FuzzHeader(f *testing.F) {
 
 // fuzzDev answers everything at once and never blocks except the
 // interrupt endpoint, which waits for ctx like a reader with no slot
-// change to report.
+// change to report. Some bulk transfers (odd first byte or odd length)
+// it refuses when offered with a done ctx, as a device that would have to
+// wait does, so that both the reader's first try and the worker serve
+// them (session.bulk).
 type fuzzDev struct{ fakeDev }
 
 func (d *fuzzDev) Out(ctx context.Context, ep uint8, data []byte) error {
 	if ep != 0x03 {
 		return usb.ErrStall
+	}
+	if ctx.Err() != nil && len(data) > 0 && data[0]&1 == 1 {
+		return ctx.Err()
 	}
 	return nil
 }
@@ -95,6 +101,9 @@ func (d *fuzzDev) Out(ctx context.Context, ep uint8, data []byte) error {
 func (d *fuzzDev) In(ctx context.Context, ep uint8, max int) ([]byte, error) {
 	switch ep {
 	case 0x82:
+		if ctx.Err() != nil && max&1 == 1 {
+			return nil, ctx.Err()
+		}
 		return bytes.Repeat([]byte{0x80}, min(max, 10)), nil
 	case 0x81:
 		<-ctx.Done()

@@ -563,7 +563,18 @@ const (
 )
 
 // maxRedirRatio bounds the usbredir path's median APDU round trip as a
-// multiple of usb-ccid's, measured in the same guest. MEASURED
+// multiple of usb-ccid's, measured in the same guest. The issue's target
+// is 1 (no slower), and it is not met under TCG: in 19 runs on the 2-core
+// dev machine (load 4 to 14 from other work) the ratio was 1.06 to 2.11,
+// median about 1.5, with usbredir medians of 1.0-1.9 ms against 0.7-1.3
+// ms. usb-ccid completes both transfers of an APDU inside QEMU's vCPU
+// thread (the card's answer, fetched while the guest handles the OUT, is
+// there when the IN comes), while usbredir completes each asynchronously,
+// after a round trip to vscard reader through QEMU's main loop. 3 leaves
+// room for a loaded CI machine and still fails on stalls: a Nagle or
+// delayed-ACK stall costs 40 ms an APDU (ratio over 20), a transfer left
+// to a polling retry several ms. Smaller regressions (one more round trip
+// an APDU, about 0.5 ms) hide in TCG's noise; read the printed ratios.
 const maxRedirRatio = 3.0
 
 // TestGuestReaderBench is issue 6's speed comparison in one boot: the guest
