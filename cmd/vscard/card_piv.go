@@ -29,8 +29,8 @@ type pivFlags struct {
 func addPIVFlags(fs *flag.FlagSet) *pivFlags {
 	return &pivFlags{
 		puk:      fs.String("puk", "", "PIV: PUK, 4-8 characters (default: generate 8 digits and print them once)"),
-		mgmKey:   fs.String("mgm-key", "", "PIV: card management key (9B) in hex (default: a random AES-192 key, printed once)"),
-		mgmAlg:   fs.String("mgm-alg", "aes192", "PIV: management key algorithm: 3des, aes128, aes192 or aes256"),
+		mgmKey:   fs.String("mgm-key", "", "PIV: card management key (9B) in hex (default: a random key of --mgm-alg, printed once)"),
+		mgmAlg:   fs.String("mgm-alg", "3des", "PIV: management key algorithm: 3des (what Debian 12's yubico-piv-tool 2.2.0 can use), aes128, aes192 or aes256"),
 		pukTries: fs.Int("puk-tries", 3, "PIV: wrong PUKs allowed before the PUK blocks (1-15)"),
 	}
 }
@@ -78,11 +78,10 @@ func (p *pivFlags) options(fs *flag.FlagSet, o *store.PIVOptions) error {
 		return fmt.Errorf("%w: --mgm-alg %q: use 3des, aes128, aes192 or aes256", errUsage, *p.mgmAlg)
 	}
 	// yubico-piv-tool before 2.3 (Debian 12 ships 2.2.0) authenticates
-	// with 3DES only, so its users need --mgm-alg 3des; the README says so.
+	// with 3DES only, hence the 3DES default; a generated key is random
+	// and printed once, so it is as safe as the algorithm allows.
+	o.MgmAlg = alg
 	if *p.mgmKey == "" {
-		if len(pivOnly(fs, "mgm-alg")) > 0 {
-			return fmt.Errorf("%w: --mgm-alg goes with --mgm-key (a generated key is AES-192)", errUsage)
-		}
 		return nil
 	}
 	key, err := hex.DecodeString(strings.NewReplacer(":", "", " ", "").Replace(*p.mgmKey))

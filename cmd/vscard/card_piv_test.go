@@ -49,7 +49,7 @@ func TestCardNewPIV(t *testing.T) {
 	}
 	pin := find(`(?m)^PIN: ([0-9]{8}) \(shown once`)
 	puk := find(`(?m)^PUK: ([0-9]{8}) \(shown once`)
-	mgm := find(`(?m)^Management key \(AES-192\): ([0-9A-F]{48}) \(shown once`)
+	mgm := find(`(?m)^Management key \(3DES\): ([0-9A-F]{48}) \(shown once`)
 
 	c, err := store.OpenPIV(dir, store.PIVOpenOptions{})
 	if err != nil {
@@ -64,7 +64,7 @@ func TestCardNewPIV(t *testing.T) {
 	if _, err := c.PIN().Verify([]byte("00000000")); !errors.Is(err, token.ErrPINIncorrect) {
 		t.Errorf("wrong PIN: %v", err)
 	}
-	if alg, key, _ := c.ManagementKey(); alg != piv.AlgAES192 || strings.ToUpper(hex.EncodeToString(key)) != mgm {
+	if alg, key, _ := c.ManagementKey(); alg != piv.AlgTDES || strings.ToUpper(hex.EncodeToString(key)) != mgm {
 		t.Errorf("management key %02X %x, printed %s", alg, key, mgm)
 	}
 
@@ -77,7 +77,7 @@ func TestCardNewPIV(t *testing.T) {
 		"Name: Pat Piv",
 		"PIN: set, 3 of 4 tries left",
 		"PUK: set, 3 of 3 tries left",
-		"Management key: AES-192 (value not shown",
+		"Management key: 3DES (value not shown",
 		"9C Digital Signature\n     private key: ECDSA P-256\n     subject:  CN=Pat Piv (signature)",
 		"Data objects: 7E 5FC101 5FC102",
 	} {
@@ -143,7 +143,6 @@ func TestCardPIVErrors(t *testing.T) {
 		{"mgm not hex", []string{"card", "new", filepath.Join(tmp, "a"), "--type", "piv", "--mgm-key", "xyz"}, "not hex"},
 		{"mgm length", []string{"card", "new", filepath.Join(tmp, "a"), "--type", "piv", "--mgm-key", "0011", "--mgm-alg", "aes128"}, "AES-128 takes 16 (32 hex digits)"},
 		{"mgm alg", []string{"card", "new", filepath.Join(tmp, "a"), "--type", "piv", "--mgm-key", "0011", "--mgm-alg", "des"}, "--mgm-alg"},
-		{"mgm alg alone", []string{"card", "new", filepath.Join(tmp, "a"), "--type", "piv", "--mgm-alg", "aes256"}, "--mgm-alg goes with --mgm-key"},
 		{"short puk", []string{"card", "new", filepath.Join(tmp, "a"), "--type", "piv", "--puk", "12"}, "--puk: PUK must be"},
 		{"puk tries", []string{"card", "new", filepath.Join(tmp, "a"), "--type", "piv", "--puk-tries", "0"}, "--puk-tries"},
 		{"bad slot", []string{"card", "import", filepath.Join(tmp, "a"), "--type", "piv", "--slot", "9b=x.pem"}, "want 9a, 9c, 9d, 9e or 82-95"},
@@ -271,5 +270,26 @@ func TestReaderAppPIVCard(t *testing.T) {
 	list := app.handle(context.Background(), "list")
 	if !strings.Contains(list, pivDir+" (PIV, 4 keys: 9a, 9c, 9d, 9e)") || !strings.Contains(list, "3 certificates") {
 		t.Errorf("list:\n%s", list)
+	}
+}
+
+// TestCardNewPIVMgmAlg: --mgm-alg without --mgm-key generates a random key
+// of that algorithm and prints it once.
+func TestCardNewPIVMgmAlg(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "piv")
+	code, out, errs := runCLI(t, "", "card", "new", dir, "--type", "piv", "--key", "p256", "--mgm-alg", "aes256")
+	if code != exitOK {
+		t.Fatalf("exit %d, stderr %q", code, errs)
+	}
+	m := regexp.MustCompile(`(?m)^Management key \(AES-256\): ([0-9A-F]{64}) \(shown once`).FindStringSubmatch(out)
+	if m == nil {
+		t.Fatalf("no generated AES-256 key in:\n%s", out)
+	}
+	c, err := store.OpenPIV(dir, store.PIVOpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if alg, key, _ := c.ManagementKey(); alg != piv.AlgAES256 || strings.ToUpper(hex.EncodeToString(key)) != m[1] {
+		t.Errorf("management key %02X %x, printed %s", alg, key, m[1])
 	}
 }

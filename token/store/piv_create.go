@@ -18,8 +18,7 @@ import (
 
 // PIVOptions are the settings of CreatePIV and ImportPIV. The zero value
 // (with Personalize set) makes a "John Doe" card with RSA-2048 keys, a
-// generated PIN and PUK, 3 tries each, and a random AES-192 management
-// key.
+// generated PIN and PUK, 3 tries each, and a random 3DES management key.
 type PIVOptions struct {
 	// CN is the holder's common name; default "John Doe" (CreatePIV) or
 	// the first certificate's CN (ImportPIV).
@@ -34,7 +33,9 @@ type PIVOptions struct {
 	// at most 15.
 	MaxPINTries, MaxPUKTries int
 	// MgmAlg and MgmKey are the card management key (9B). A nil MgmKey
-	// generates a random AES-192 key (MgmAlg is then ignored).
+	// generates a random key of MgmAlg; a zero MgmAlg means 3DES, the
+	// only algorithm Debian 12's yubico-piv-tool 2.2.0 authenticates
+	// with, so a new card can be managed with it out of the box.
 	MgmAlg byte
 	MgmKey []byte
 	// CA is ImportPIV's optional CA certificate (PEM or DER).
@@ -330,11 +331,15 @@ func choosePIVSecrets(o *PIVOptions, rnd io.Reader) (*pivSecrets, error) {
 		s.genPUK = pukStr
 	}
 	if o.MgmKey == nil {
-		s.mgmAlg, s.mgmKey = MgmAlgAES192, make([]byte, 24)
-		if _, err := io.ReadFull(rnd, s.mgmKey); err != nil {
+		alg := o.MgmAlg
+		if alg == 0 {
+			alg = MgmAlgTDES
+		}
+		key, err := newMgmKey(alg, rnd)
+		if err != nil {
 			return nil, fmt.Errorf("store: generate management key: %w", err)
 		}
-		s.genMgm = s.mgmKey
+		s.mgmAlg, s.mgmKey, s.genMgm = alg, key, key
 	} else {
 		if err := checkMgmKey(o.MgmAlg, o.MgmKey); err != nil {
 			return nil, fmt.Errorf("store: %w", err)
@@ -431,4 +436,39 @@ func pivKeyGen(t string) (func(io.Reader) (crypto.Signer, error), error) {
 		return ecGen(elliptic.P384()), nil
 	}
 	return nil, fmt.Errorf("store: unknown PIV key type %q; use one of %v", t, PIVKeyTypes())
+}
+
+// newMgmKey returns a random management key for alg. A 3DES key whose
+// thirds repeat (ignoring the parity bits) would be single DES or
+// two-key 3DES, so such a draw is discarded; with 24 random bytes that
+// practically never happens, but a weak key must never be printed.
+func newMgmKey(alg byte, rnd io.Reader) ([]byte, error) {
+	n, ok := MgmKeyLen(alg)
+	if !ok {
+		return nil, fmt.Errorf("unknown management key algorithm %02X", alg)
+	}
+	for tries := 0; tries < 8; tries++ {
+		key := make([]byte, n)
+		if _, err := io.ReadFull(rnd, key); err != nil {
+			return nil, err
+		}
+		if alg != MgmAlgTDES || distinctDESKeys(key) {
+			return key, nil
+		}
+	}
+	return nil, errors.New("random source keeps giving a weak 3DES key")
+}
+
+// distinctDESKeys reports whether the three 8-byte DES keys of a 3DES key
+// differ pairwise, parity bits aside.
+func distinctDESKeys(k []byte) bool {
+	eq := func(a, b []byte) bool {
+		for i := range a {
+			if a[i]&0xFE != b[i]&0xFE {
+				return false
+			}
+		}
+		return true
+	}
+	return !eq(k[0:8], k[8:16]) && !eq(k[8:16], k[16:24]) && !eq(k[0:8], k[16:24])
 }

@@ -160,7 +160,7 @@ func TestCreatePIV(t *testing.T) {
 			if _, err := c.PUK().Verify([]byte(puk)); err != nil {
 				t.Errorf("generated PUK: %v", err)
 			}
-			if alg, key, err := c.ManagementKey(); err != nil || alg != MgmAlgAES192 || !bytes.Equal(key, mgm) {
+			if alg, key, err := c.ManagementKey(); err != nil || alg != MgmAlgTDES || !bytes.Equal(key, mgm) || !distinctDESKeys(key) {
 				t.Errorf("management key %02X %x, %v", alg, key, err)
 			}
 			checkModes(t, dir)
