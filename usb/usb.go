@@ -154,6 +154,10 @@ type Device interface {
 	// is empty. ErrStall for a request the device does not support.
 	Control(ctx context.Context, setup Setup, data []byte) ([]byte, error)
 	// Out delivers one OUT transfer to endpoint ep (an OUT address).
+	// Called with a ctx that is already done, Out either takes the whole
+	// transfer or returns ctx.Err() having taken nothing: usbredir relies
+	// on that to try a transfer on its reading goroutine first and hand
+	// it to a worker only when the device would block.
 	Out(ctx context.Context, ep uint8, data []byte) error
 	// In waits until endpoint ep (an IN address) has data and returns at
 	// most max bytes of it, or ctx's error, keeping undelivered data.
