@@ -56,6 +56,13 @@
 // PIN was right, restores the counter. A process killed at any point thus
 // never gains a free try. A blocked PIN is refused without being checked.
 //
+// Only the first match in a process pays for PBKDF2: Verify then keeps an
+// HMAC of the PIN under a random in-memory key, bound to the stored hash,
+// and later checks against that hash compare HMACs (still in constant
+// time, still after the durable decrement). A PIV 9C key, which needs a
+// VERIFY before every signature, thus costs two fsyncs per signature
+// rather than 50 ms of hashing. A changed stored hash means PBKDF2 again.
+//
 // Within a process a mutex serialises Verify; across processes (two
 // "vscard serve" on one card) an advisory flock(2) on the card directory
 // does, and the counter is re-read under the lock, so tries are never

@@ -2,6 +2,7 @@ package store
 
 import (
 	"bytes"
+	"crypto/hmac"
 	"crypto/pbkdf2"
 	"crypto/rand"
 	"crypto/sha256"
@@ -99,8 +100,56 @@ type pin struct {
 	// beforeCompare, if set, runs after the counter is persisted and
 	// before the PIN is compared (tests check the order with it).
 	beforeCompare func()
+	// slowHashes counts PBKDF2 computations (tests check the fast path).
+	slowHashes int
 
-	mu sync.Mutex
+	mu   sync.Mutex
+	fast fastCheck
+}
+
+// fastCheck lets Verify skip the deliberately slow PBKDF2 once this
+// process has seen the right PIN: a PIV key with the "PIN always" policy
+// (9C) needs a VERIFY before every signature, and 50 ms of hashing each
+// time would make every such signature 50 ms slower. After a match Verify
+// keeps HMAC-SHA256(k, PIN) under a random per-process key k, bound to
+// the stored hash it matched; a later Verify against the same stored hash
+// compares HMACs in constant time. The counter is still decremented and
+// made durable first, so the fast path changes only speed, never the
+// count. A stored hash that changed (Set, or another process changing
+// the PIN) makes the check fall back to PBKDF2. What this keeps in memory
+// is no more than the process already holds: the card's private keys.
+type fastCheck struct {
+	key  []byte // nil until the first match
+	tag  []byte
+	hash []byte // the stored PBKDF2 hash the tag was made against
+}
+
+func (f *fastCheck) mac(pin []byte) []byte {
+	m := hmac.New(sha256.New, f.key)
+	m.Write(pin)
+	return m.Sum(nil)
+}
+
+// match reports whether the fast check applies to stored and, if it
+// does, whether pin is the PIN it was made from.
+func (f *fastCheck) match(stored, pin []byte) (applies, ok bool) {
+	if f.key == nil || !bytes.Equal(f.hash, stored) {
+		return false, false
+	}
+	return true, hmac.Equal(f.mac(pin), f.tag)
+}
+
+// remember records pin as the one matching stored.
+func (f *fastCheck) remember(stored, pin []byte) {
+	if f.key == nil {
+		f.key = make([]byte, 32)
+		if _, err := rand.Read(f.key); err != nil {
+			f.key = nil // no fast path without a key; Verify stays correct
+			return
+		}
+	}
+	f.tag = f.mac(pin)
+	f.hash = bytes.Clone(stored)
 }
 
 var _ token.SettablePIN = (*pin)(nil)
@@ -193,15 +242,22 @@ func (p *pin) Verify(given []byte) (int, error) {
 	}
 	given = bytes.TrimRight(given, "\xff")
 	ok := false
-	if len(given) >= minPINLen && len(given) <= maxPINLen {
+	if applies, match := p.fast.match(params.Hash, given); applies {
+		ok = match
+	} else if len(given) >= minPINLen && len(given) <= maxPINLen {
+		p.slowHashes++
 		h, err := hashPIN(given, params.Salt, params.Iterations)
 		if err != nil {
 			return left, fmt.Errorf("store: hash %s: %w", p.what, err)
 		}
 		ok = subtle.ConstantTimeCompare(h, params.Hash) == 1
+		if ok {
+			p.fast.remember(params.Hash, given)
+		}
 	} else {
 		// Still spend the hashing time, so the length is not revealed
 		// by timing.
+		p.slowHashes++
 		_, _ = hashPIN([]byte("\x00"), params.Salt, params.Iterations)
 	}
 	if !ok {
