@@ -104,41 +104,7 @@ func Create(dir string, opts Options) (*Card, error) {
 	if cn == "" {
 		cn = defaultCN
 	}
-	validity := opts.Validity
-	if validity <= 0 {
-		validity = 10 * 365 * 24 * time.Hour
-	}
-	now := time.Now
-	if opts.Now != nil {
-		now = opts.Now
-	}
-	t := now().UTC().Truncate(time.Second)
-	notBefore, notAfter := t.Add(-clockSkew), t.Add(validity)
-
-	caKey, err := rsa.GenerateKey(rnd, bits)
-	if err != nil {
-		return nil, fmt.Errorf("store: generate CA key: %w", err)
-	}
-	caTmpl := &x509.Certificate{
-		Subject:               pkix.Name{CommonName: "Fake Smart Card CA"},
-		NotBefore:             notBefore,
-		NotAfter:              notAfter,
-		IsCA:                  true,
-		BasicConstraintsValid: true,
-		MaxPathLenZero:        true,
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
-	}
-	caCert, err := issue(rnd, caTmpl, caTmpl, &caKey.PublicKey, caKey)
-	if err != nil {
-		return nil, fmt.Errorf("store: make CA certificate: %w", err)
-	}
-
-	leaves := []struct {
-		label, cn string
-		ku        x509.KeyUsage
-		eku       []x509.ExtKeyUsage
-		other     []asn1.ObjectIdentifier
-	}{
+	leaves := []leafSpec{
 		{"id", cn, x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
 			[]x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}, []asn1.ObjectIdentifier{oidSmartcardLogon}},
 		{"signing", cn + " (signing)", x509.KeyUsageDigitalSignature | x509.KeyUsageContentCommitment,
@@ -146,43 +112,27 @@ func Create(dir string, opts Options) (*Card, error) {
 		{"encryption", cn + " (encryption)", x509.KeyUsageKeyEncipherment | x509.KeyUsageDataEncipherment,
 			[]x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth, x509.ExtKeyUsageEmailProtection}, nil},
 	}
-	caKeyPEM, err := marshalKeyPEM(caKey)
+	gen := func(r io.Reader) (crypto.Signer, error) { return rsa.GenerateKey(r, bits) }
+	is, err := issueCard(rnd, gen, "Fake Smart Card CA", opts.Validity, opts.Now, leaves)
 	if err != nil {
-		return nil, fmt.Errorf("store: encode CA key: %w", err)
+		return nil, err
 	}
-	files := []file{
-		{"ca.pem", certPEM(caCert), publicMode},
-		{"ca.der", caCert.Raw, publicMode},
-		{"ca-key.pem", caKeyPEM, secretMode},
+	files, err := is.caFiles()
+	if err != nil {
+		return nil, err
 	}
 	m := &manifest{
-		Version: formatVersion, Type: typeCAC, CN: cn, Created: t,
+		Version: formatVersion, Type: typeCAC, CN: cn, Created: is.created,
 		CA: &manifestCA{Cert: "ca.pem", DER: "ca.der", Key: "ca-key.pem"},
 	}
-	for _, l := range leaves {
-		k, err := rsa.GenerateKey(rnd, bits)
+	for i, l := range leaves {
+		kp, err := marshalKeyPEM(is.keys[i])
 		if err != nil {
-			return nil, fmt.Errorf("store: generate %s key: %w", l.label, err)
+			return nil, fmt.Errorf("store: encode %s key: %w", l.name, err)
 		}
-		tmpl := &x509.Certificate{
-			Subject:            pkix.Name{CommonName: l.cn},
-			NotBefore:          notBefore,
-			NotAfter:           notAfter,
-			KeyUsage:           l.ku,
-			ExtKeyUsage:        l.eku,
-			UnknownExtKeyUsage: l.other,
-		}
-		cert, err := issue(rnd, tmpl, caCert, &k.PublicKey, caKey)
-		if err != nil {
-			return nil, fmt.Errorf("store: make %s certificate: %w", l.label, err)
-		}
-		kp, err := marshalKeyPEM(k)
-		if err != nil {
-			return nil, fmt.Errorf("store: encode %s key: %w", l.label, err)
-		}
-		certName, keyName := l.label+".pem", l.label+"-key.pem"
-		files = append(files, file{certName, certPEM(cert), publicMode}, file{keyName, kp, secretMode})
-		m.Credentials = append(m.Credentials, manifestCred{Label: l.label, Cert: certName, Key: keyName})
+		certName, keyName := l.name+".pem", l.name+"-key.pem"
+		files = append(files, file{certName, certPEM(is.certs[i]), publicMode}, file{keyName, kp, secretMode})
+		m.Credentials = append(m.Credentials, manifestCred{Label: l.name, Cert: certName, Key: keyName})
 	}
 	if m.ID, err = randomID(rnd); err != nil {
 		return nil, err
@@ -203,6 +153,93 @@ func Create(dir string, opts Options) (*Card, error) {
 		c.genPIN = pinStr
 	}
 	return c, nil
+}
+
+// leafSpec is one end-entity certificate a new card gets.
+type leafSpec struct {
+	name  string // file label (CAC) or key reference (PIV), for errors
+	cn    string
+	ku    x509.KeyUsage
+	eku   []x509.ExtKeyUsage
+	other []asn1.ObjectIdentifier
+}
+
+// issuedCard is a new card's CA and its leaves, keys in leaf order.
+type issuedCard struct {
+	created time.Time
+	caKey   crypto.Signer
+	caCert  *x509.Certificate
+	keys    []crypto.Signer
+	certs   []*x509.Certificate
+}
+
+// issueCard makes a CA named caCN and one key and certificate per leaf,
+// every key from gen, all valid from now (minus clockSkew) for validity
+// (default 10 years). Create and CreatePIV differ only in the leaves and
+// the key type; the CA is the same kind of throwaway "fake" CA QEMU's
+// documentation makes with certutil.
+func issueCard(rnd io.Reader, gen func(io.Reader) (crypto.Signer, error), caCN string, validity time.Duration, now func() time.Time, leaves []leafSpec) (*issuedCard, error) {
+	if validity <= 0 {
+		validity = 10 * 365 * 24 * time.Hour
+	}
+	if now == nil {
+		now = time.Now
+	}
+	t := now().UTC().Truncate(time.Second)
+	notBefore, notAfter := t.Add(-clockSkew), t.Add(validity)
+
+	caKey, err := gen(rnd)
+	if err != nil {
+		return nil, fmt.Errorf("store: generate CA key: %w", err)
+	}
+	caTmpl := &x509.Certificate{
+		Subject:               pkix.Name{CommonName: caCN},
+		NotBefore:             notBefore,
+		NotAfter:              notAfter,
+		IsCA:                  true,
+		BasicConstraintsValid: true,
+		MaxPathLenZero:        true,
+		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
+	}
+	caCert, err := issue(rnd, caTmpl, caTmpl, caKey.Public(), caKey)
+	if err != nil {
+		return nil, fmt.Errorf("store: make CA certificate: %w", err)
+	}
+	is := &issuedCard{created: t, caKey: caKey, caCert: caCert}
+	for _, l := range leaves {
+		k, err := gen(rnd)
+		if err != nil {
+			return nil, fmt.Errorf("store: generate %s key: %w", l.name, err)
+		}
+		tmpl := &x509.Certificate{
+			Subject:            pkix.Name{CommonName: l.cn},
+			NotBefore:          notBefore,
+			NotAfter:           notAfter,
+			KeyUsage:           l.ku,
+			ExtKeyUsage:        l.eku,
+			UnknownExtKeyUsage: l.other,
+		}
+		cert, err := issue(rnd, tmpl, caCert, k.Public(), caKey)
+		if err != nil {
+			return nil, fmt.Errorf("store: make %s certificate: %w", l.name, err)
+		}
+		is.keys, is.certs = append(is.keys, k), append(is.certs, cert)
+	}
+	return is, nil
+}
+
+// caFiles are the CA's files in a card directory: ca.pem and ca.der for
+// importing into a guest, and its key (0600) for issuing more.
+func (is *issuedCard) caFiles() ([]file, error) {
+	kp, err := marshalKeyPEM(is.caKey)
+	if err != nil {
+		return nil, fmt.Errorf("store: encode CA key: %w", err)
+	}
+	return []file{
+		{"ca.pem", certPEM(is.caCert), publicMode},
+		{"ca.der", is.caCert.Raw, publicMode},
+		{"ca-key.pem", kp, secretMode},
+	}, nil
 }
 
 // issue signs tmpl with a fresh random serial. Serials are 127-bit positive

@@ -6,13 +6,13 @@ import (
 	"crypto/elliptic"
 	"crypto/rsa"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/asn1"
 	"errors"
 	"fmt"
 	"io"
 	"path/filepath"
 	"slices"
+	"strings"
 	"time"
 )
 
@@ -106,87 +106,36 @@ func CreatePIV(dir string, opts PIVOptions) (*PIVCard, error) {
 	if cn == "" {
 		cn = defaultCN
 	}
-	validity := opts.Validity
-	if validity <= 0 {
-		validity = 10 * 365 * 24 * time.Hour
-	}
-	now := time.Now
-	if opts.Now != nil {
-		now = opts.Now
-	}
-	t := now().UTC().Truncate(time.Second)
-	notBefore, notAfter := t.Add(-clockSkew), t.Add(validity)
-
-	caKey, err := gen(rnd)
-	if err != nil {
-		return nil, fmt.Errorf("store: generate CA key: %w", err)
-	}
-	caTmpl := &x509.Certificate{
-		Subject:               pkix.Name{CommonName: "Fake PIV CA"},
-		NotBefore:             notBefore,
-		NotAfter:              notAfter,
-		IsCA:                  true,
-		BasicConstraintsValid: true,
-		MaxPathLenZero:        true,
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
-	}
-	caCert, err := issue(rnd, caTmpl, caTmpl, caKey.Public(), caKey)
-	if err != nil {
-		return nil, fmt.Errorf("store: make CA certificate: %w", err)
-	}
-	_, isRSA := caKey.(*rsa.PrivateKey)
 	// Key usages follow SP 800-73-4 Part 1 §3.2 and the PIV certificate
 	// profile: the key management key encrypts (RSA) or agrees (ECDH).
 	kmUsage := x509.KeyUsageKeyAgreement
 	authUsage := x509.KeyUsageDigitalSignature
-	if isRSA {
+	if strings.HasPrefix(opts.KeyType, "rsa") || opts.KeyType == "" {
 		kmUsage = x509.KeyUsageKeyEncipherment
 		authUsage |= x509.KeyUsageKeyEncipherment
 	}
-	leaves := []struct {
-		ref   byte
-		cn    string
-		ku    x509.KeyUsage
-		eku   []x509.ExtKeyUsage
-		other []asn1.ObjectIdentifier
-	}{
-		{0x9A, cn, authUsage, []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}, []asn1.ObjectIdentifier{oidSmartcardLogon}},
-		{0x9C, cn + " (signature)", x509.KeyUsageDigitalSignature | x509.KeyUsageContentCommitment, []x509.ExtKeyUsage{x509.ExtKeyUsageEmailProtection}, nil},
-		{0x9D, cn + " (key management)", kmUsage, []x509.ExtKeyUsage{x509.ExtKeyUsageEmailProtection}, nil},
-		{0x9E, cn + " (card authentication)", x509.KeyUsageDigitalSignature, nil, []asn1.ObjectIdentifier{oidPIVCardAuth}},
+	refs := []byte{0x9A, 0x9C, 0x9D, 0x9E}
+	leaves := []leafSpec{
+		{"9A", cn, authUsage, []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}, []asn1.ObjectIdentifier{oidSmartcardLogon}},
+		{"9C", cn + " (signature)", x509.KeyUsageDigitalSignature | x509.KeyUsageContentCommitment, []x509.ExtKeyUsage{x509.ExtKeyUsageEmailProtection}, nil},
+		{"9D", cn + " (key management)", kmUsage, []x509.ExtKeyUsage{x509.ExtKeyUsageEmailProtection}, nil},
+		{"9E", cn + " (card authentication)", x509.KeyUsageDigitalSignature, nil, []asn1.ObjectIdentifier{oidPIVCardAuth}},
+	}
+	is, err := issueCard(rnd, gen, "Fake PIV CA", opts.Validity, opts.Now, leaves)
+	if err != nil {
+		return nil, err
 	}
 	keys := map[byte]crypto.Signer{}
 	certs := map[byte]*x509.Certificate{}
-	for _, l := range leaves {
-		k, err := gen(rnd)
-		if err != nil {
-			return nil, fmt.Errorf("store: generate %02X key: %w", l.ref, err)
-		}
-		tmpl := &x509.Certificate{
-			Subject:            pkix.Name{CommonName: l.cn},
-			NotBefore:          notBefore,
-			NotAfter:           notAfter,
-			KeyUsage:           l.ku,
-			ExtKeyUsage:        l.eku,
-			UnknownExtKeyUsage: l.other,
-		}
-		cert, err := issue(rnd, tmpl, caCert, k.Public(), caKey)
-		if err != nil {
-			return nil, fmt.Errorf("store: make %02X certificate: %w", l.ref, err)
-		}
-		keys[l.ref], certs[l.ref] = k, cert
+	for i, ref := range refs {
+		keys[ref], certs[ref] = is.keys[i], is.certs[i]
 	}
-	caKeyPEM, err := marshalKeyPEM(caKey)
+	ca, err := is.caFiles()
 	if err != nil {
-		return nil, fmt.Errorf("store: encode CA key: %w", err)
-	}
-	ca := []file{
-		{"ca.pem", certPEM(caCert), publicMode},
-		{"ca.der", caCert.Raw, publicMode},
-		{"ca-key.pem", caKeyPEM, secretMode},
+		return nil, err
 	}
 	m := &pivManifest{
-		Version: formatVersion, Type: TypePIV, CN: cn, Created: t,
+		Version: formatVersion, Type: TypePIV, CN: cn, Created: is.created,
 		CA: &manifestCA{Cert: "ca.pem", DER: "ca.der", Key: "ca-key.pem"},
 	}
 	return writePIV(dir, m, ca, keys, certs, sec, &opts, rnd)
