@@ -1,10 +1,10 @@
 package cac
 
 import (
-	"context"
 	"path/filepath"
 	"testing"
 
+	"github.com/vscard/vscard/internal/cardfuzz"
 	"github.com/vscard/vscard/token"
 )
 
@@ -25,11 +25,10 @@ func FuzzTransmit(f *testing.F) {
 			seed := []byte{mode}
 			for _, s := range tr.steps {
 				if s.power {
-					seed = append(seed, 0xFF, 0xFF)
+					seed = append(seed, cardfuzz.PowerCycle...)
 					continue
 				}
-				seed = append(seed, byte(len(s.cmd)>>8), byte(len(s.cmd)))
-				seed = append(seed, s.cmd...)
+				seed = cardfuzz.Append(seed, s.cmd)
 			}
 			f.Add(seed)
 		}
@@ -42,26 +41,6 @@ func FuzzTransmit(f *testing.F) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		ctx := context.Background()
-		in = in[1:]
-		for len(in) >= 2 {
-			n := int(in[0])<<8 | int(in[1])
-			in = in[2:]
-			if n == 0xFFFF {
-				c.PowerOff()
-				c.PowerOn()
-				continue
-			}
-			n = min(n, len(in))
-			cmd := in[:n]
-			in = in[n:]
-			out, err := c.Transmit(ctx, cmd)
-			if err != nil {
-				t.Fatalf("Transmit(%X): %v", cmd, err)
-			}
-			if len(out) < 2 || len(out) > maxResponse {
-				t.Fatalf("Transmit(%X): %d-byte response", cmd, len(out))
-			}
-		}
+		cardfuzz.Replay(t, c, in[1:], maxResponse)
 	})
 }
