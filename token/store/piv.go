@@ -6,7 +6,6 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rsa"
-	"crypto/x509"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -239,10 +238,7 @@ func parseObjFileName(name string) (uint32, bool) {
 // is re-read from disk (keys are cached while their file is unchanged),
 // and PIN checks take the directory's flock.
 type PIVCard struct {
-	dir      string
-	info     Info
-	ca       *x509.Certificate
-	caFiles  []string
+	cardFiles
 	pin, puk *pin
 	notFound error
 	log      *slog.Logger
@@ -329,13 +325,12 @@ func OpenPIV(dir string, opts PIVOpenOptions) (*PIVCard, error) {
 	}
 	id, _ := hex.DecodeString(m.ID)
 	c := &PIVCard{
-		dir:      dir,
-		info:     Info{Version: m.Version, Type: m.Type, CN: m.CN, ID: id, Created: m.Created},
-		pin:      &pin{dir: dir, file: PINFile, what: "PIN", log: log},
-		puk:      &pin{dir: dir, file: PUKFile, what: "PUK", log: log},
-		notFound: nf,
-		log:      log,
-		keys:     map[byte]cachedKey{},
+		cardFiles: cardFiles{dir: dir, info: Info{Version: m.Version, Type: m.Type, CN: m.CN, ID: id, Created: m.Created}},
+		pin:       &pin{dir: dir, file: PINFile, what: "PIN", log: log},
+		puk:       &pin{dir: dir, file: PUKFile, what: "PUK", log: log},
+		notFound:  nf,
+		log:       log,
+		keys:      map[byte]cachedKey{},
 	}
 	for _, p := range []*pin{c.pin, c.puk} {
 		if err := checkPrivate(p.statePath(), false); err != nil {
@@ -352,19 +347,8 @@ func OpenPIV(dir string, opts PIVOpenOptions) (*PIVCard, error) {
 	if _, _, err := c.ManagementKey(); err != nil {
 		return nil, err
 	}
-	if m.CA != nil {
-		if c.ca, err = loadCert(dir, m.CA.Cert); err != nil {
-			return nil, err
-		}
-		c.caFiles = append(c.caFiles, filepath.Join(dir, m.CA.Cert))
-		if m.CA.DER != "" {
-			c.caFiles = append(c.caFiles, filepath.Join(dir, m.CA.DER))
-		}
-		if m.CA.Key != "" {
-			if err := checkPrivate(filepath.Join(dir, m.CA.Key), false); err != nil {
-				return nil, fmt.Errorf("store: %w", err)
-			}
-		}
+	if err := c.loadCA(m.CA); err != nil {
+		return nil, err
 	}
 	ents, err := os.ReadDir(dir)
 	if err != nil {
@@ -393,22 +377,6 @@ func OpenPIV(dir string, opts PIVOpenOptions) (*PIVCard, error) {
 	}
 	return c, nil
 }
-
-// Dir returns the card directory.
-func (c *PIVCard) Dir() string { return c.dir }
-
-// Info returns what the manifest records; MaxTries is the PIN's.
-func (c *PIVCard) Info() Info {
-	i := c.info
-	i.ID = append([]byte(nil), c.info.ID...)
-	return i
-}
-
-// CA returns the CA certificate stored with the card, or nil.
-func (c *PIVCard) CA() *x509.Certificate { return c.ca }
-
-// CAFiles returns the paths of ca.pem and ca.der, if the card has a CA.
-func (c *PIVCard) CAFiles() []string { return append([]string(nil), c.caFiles...) }
 
 // GeneratedSecrets returns the PIN, PUK and management key that CreatePIV
 // or ImportPIV generated because none was given ("" or nil for one that

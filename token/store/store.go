@@ -20,11 +20,8 @@ import (
 // Card is a card loaded from, or just written to, a card directory. It
 // implements token.Token. It is safe for concurrent use.
 type Card struct {
-	dir      string
-	info     Info
+	cardFiles
 	creds    []token.Credential
-	ca       *x509.Certificate
-	caFiles  []string
 	pin      *pin
 	genPIN   string
 	warnings []string
@@ -49,22 +46,54 @@ func (c *Card) Credentials() []token.Credential { return c.creds }
 // PIN implements token.Token. A store card always has a PIN.
 func (c *Card) PIN() token.PIN { return c.pin }
 
-// Dir returns the card directory.
-func (c *Card) Dir() string { return c.dir }
+// cardFiles is what CAC and PIV card directories have in common: the
+// directory, the manifest's description and the CA stored with the card.
+type cardFiles struct {
+	dir     string
+	info    Info
+	ca      *x509.Certificate
+	caFiles []string
+}
 
-// Info returns what the manifest records about the card.
-func (c *Card) Info() Info {
+// Dir returns the card directory.
+func (c *cardFiles) Dir() string { return c.dir }
+
+// Info returns what the manifest records about the card; for a PIV card
+// MaxTries is the PIN's.
+func (c *cardFiles) Info() Info {
 	i := c.info
 	i.ID = append([]byte(nil), c.info.ID...)
 	return i
 }
 
 // CA returns the CA certificate stored with the card, or nil.
-func (c *Card) CA() *x509.Certificate { return c.ca }
+func (c *cardFiles) CA() *x509.Certificate { return c.ca }
 
 // CAFiles returns the paths of the exported CA certificate files (ca.pem,
 // ca.der), for import into a guest.
-func (c *Card) CAFiles() []string { return append([]string(nil), c.caFiles...) }
+func (c *cardFiles) CAFiles() []string { return append([]string(nil), c.caFiles...) }
+
+// loadCA loads the manifest's CA entry, if any, and checks that its key
+// file (made by Create) is private.
+func (c *cardFiles) loadCA(m *manifestCA) error {
+	if m == nil {
+		return nil
+	}
+	var err error
+	if c.ca, err = loadCert(c.dir, m.Cert); err != nil {
+		return err
+	}
+	c.caFiles = append(c.caFiles, filepath.Join(c.dir, m.Cert))
+	if m.DER != "" {
+		c.caFiles = append(c.caFiles, filepath.Join(c.dir, m.DER))
+	}
+	if m.Key != "" {
+		if err := checkPrivate(filepath.Join(c.dir, m.Key), false); err != nil {
+			return fmt.Errorf("store: %w", err)
+		}
+	}
+	return nil
+}
 
 // GeneratedPIN returns the PIN that Create generated because Options.PIN
 // was empty, so the caller can show it once. It is "" on any other Card:
@@ -121,11 +150,10 @@ func OpenWith(dir string, opts OpenOptions) (*Card, error) {
 	}
 
 	c := &Card{
-		dir: dir,
-		info: Info{
+		cardFiles: cardFiles{dir: dir, info: Info{
 			Version: m.Version, Type: m.Type, CN: m.CN, ID: id,
 			Created: m.Created, MaxTries: m.PIN.MaxTries,
-		},
+		}},
 		pin: &pin{dir: dir, file: StateFile, what: "PIN", params: m.PIN, log: log},
 	}
 	for _, mc := range m.Credentials {
@@ -143,19 +171,8 @@ func OpenWith(dir string, opts OpenOptions) (*Card, error) {
 		}
 		c.creds = append(c.creds, token.Credential{Label: mc.Label, Cert: cert, Key: wrapKey(key)})
 	}
-	if m.CA != nil {
-		if c.ca, err = loadCert(dir, m.CA.Cert); err != nil {
-			return nil, err
-		}
-		c.caFiles = append(c.caFiles, filepath.Join(dir, m.CA.Cert))
-		if m.CA.DER != "" {
-			c.caFiles = append(c.caFiles, filepath.Join(dir, m.CA.DER))
-		}
-		if m.CA.Key != "" {
-			if err := checkPrivate(filepath.Join(dir, m.CA.Key), false); err != nil {
-				return nil, fmt.Errorf("store: %w", err)
-			}
-		}
+	if err := c.loadCA(m.CA); err != nil {
+		return nil, err
 	}
 	c.warnings = warnings(c.creds)
 	// Read the counter now, so a damaged state.json fails Open rather than
