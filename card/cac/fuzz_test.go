@@ -23,12 +23,12 @@ func FuzzTransmit(f *testing.F) {
 		tr := readTranscript(f, filepath.Join("testdata", "vectors", name))
 		for _, mode := range []byte{0, 1} {
 			seed := []byte{mode}
-			for _, s := range tr.steps {
-				if s.power {
+			for _, s := range tr.Steps {
+				if s.Power {
 					seed = append(seed, cardfuzz.PowerCycle...)
 					continue
 				}
-				seed = cardfuzz.Append(seed, s.cmd)
+				seed = cardfuzz.Append(seed, s.Cmd)
 			}
 			f.Add(seed)
 		}

@@ -1,7 +1,6 @@
 package cac
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"crypto/rsa"
@@ -13,6 +12,7 @@ import (
 	"testing"
 
 	"github.com/vscard/vscard/apdu"
+	"github.com/vscard/vscard/internal/transcript"
 	"github.com/vscard/vscard/token"
 )
 
@@ -51,60 +51,12 @@ func loadTestCreds(t testing.TB) []token.Credential {
 	return creds
 }
 
-// step is one transcript line: a command with its expected answer, or a
-// power cycle.
-type step struct {
-	line       int
-	power      bool
-	cmd, reply []byte
-}
-
-type transcript struct {
-	atr   []byte
-	steps []step
-}
-
-// readTranscript parses the vectors format (testdata/vectors, described in
-// the shared reference vectors/README.md).
-func readTranscript(t testing.TB, path string) transcript {
+// readTranscript parses a transcript of testdata/vectors (the shared
+// reference's vectors/README.md format).
+func readTranscript(t testing.TB, path string) *transcript.Transcript {
 	t.Helper()
-	f, err := os.Open(path)
+	tr, err := transcript.ReadFile(path)
 	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	var tr transcript
-	sc := bufio.NewScanner(f)
-	sc.Buffer(make([]byte, 1<<16), 1<<20)
-	n := 0
-	for sc.Scan() {
-		n++
-		line := strings.TrimSpace(sc.Text())
-		hexOf := func(s string) []byte {
-			b, err := apdu.ParseHex(s)
-			if err != nil {
-				t.Fatalf("%s:%d: %v", path, n, err)
-			}
-			return b
-		}
-		switch {
-		case line == "" || strings.HasPrefix(line, "#") || strings.HasPrefix(line, "NSSATR "):
-		case strings.HasPrefix(line, "ATR "):
-			tr.atr = hexOf(line[4:])
-		case line == "-- power cycle":
-			tr.steps = append(tr.steps, step{line: n, power: true})
-		case strings.HasPrefix(line, ">> "):
-			tr.steps = append(tr.steps, step{line: n, cmd: hexOf(line[3:])})
-		case strings.HasPrefix(line, "<< "):
-			if len(tr.steps) == 0 || tr.steps[len(tr.steps)-1].cmd == nil || tr.steps[len(tr.steps)-1].reply != nil {
-				t.Fatalf("%s:%d: response without command", path, n)
-			}
-			tr.steps[len(tr.steps)-1].reply = hexOf(line[3:])
-		default:
-			t.Fatalf("%s:%d: unknown line %q", path, n, line)
-		}
-	}
-	if err := sc.Err(); err != nil {
 		t.Fatal(err)
 	}
 	return tr
@@ -154,31 +106,31 @@ func TestStrictReplay(t *testing.T) {
 				t.Fatal(err)
 			}
 			tr := readTranscript(t, filepath.Join("testdata", "vectors", f.name))
-			if !bytes.Equal(c.ATR(), tr.atr) {
-				t.Errorf("ATR = %X, transcript %X", c.ATR(), tr.atr)
+			if !bytes.Equal(c.ATR(), tr.ATR) {
+				t.Errorf("ATR = %X, transcript %X", c.ATR(), tr.ATR)
 			}
 			replay(t, c, tr)
 		})
 	}
 }
 
-func replay(t *testing.T, c *Card, tr transcript) {
+func replay(t *testing.T, c *Card, tr *transcript.Transcript) {
 	t.Helper()
 	ctx := context.Background()
 	c.PowerOn()
 	n := 0
-	for _, s := range tr.steps {
-		if s.power {
+	for _, s := range tr.Steps {
+		if s.Power {
 			c.PowerOff()
 			c.PowerOn()
 			continue
 		}
-		got, err := c.Transmit(ctx, s.cmd)
+		got, err := c.Transmit(ctx, s.Cmd)
 		if err != nil {
-			t.Fatalf("line %d: %X: %v", s.line, s.cmd, err)
+			t.Fatalf("line %d: %X: %v", s.Line, s.Cmd, err)
 		}
-		if !bytes.Equal(got, s.reply) {
-			t.Errorf("line %d: %X\n got %X\nwant %X", s.line, s.cmd, got, s.reply)
+		if !bytes.Equal(got, s.Reply) {
+			t.Errorf("line %d: %X\n got %X\nwant %X", s.Line, s.Cmd, got, s.Reply)
 		}
 		n++
 	}
@@ -201,25 +153,25 @@ func TestSoftHSMStructure(t *testing.T) {
 			tr := readTranscript(t, filepath.Join("testdata", "vectors", name))
 			ctx := context.Background()
 			checked := 0
-			for _, s := range tr.steps {
-				if s.power {
+			for _, s := range tr.Steps {
+				if s.Power {
 					c.PowerOff()
 					c.PowerOn()
 					continue
 				}
-				got, err := c.Transmit(ctx, s.cmd)
+				got, err := c.Transmit(ctx, s.Cmd)
 				if err != nil {
 					t.Fatal(err)
 				}
-				cmd, _ := apdu.Parse(s.cmd)
+				cmd, _ := apdu.Parse(s.Cmd)
 				// Buffers hold other certificates: compare only
 				// the status word and, for data, the length.
 				if cmd.INS == 0x52 || cmd.INS == 0x56 {
 					continue
 				}
-				gsw, wsw := got[len(got)-2:], s.reply[len(s.reply)-2:]
-				if !bytes.Equal(gsw, wsw) || len(got) != len(s.reply) {
-					t.Errorf("line %d: %X\n got %X\nwant %X", s.line, s.cmd, got, s.reply)
+				gsw, wsw := got[len(got)-2:], s.Reply[len(s.Reply)-2:]
+				if !bytes.Equal(gsw, wsw) || len(got) != len(s.Reply) {
+					t.Errorf("line %d: %X\n got %X\nwant %X", s.Line, s.Cmd, got, s.Reply)
 				}
 				checked++
 			}

@@ -42,11 +42,11 @@ func FuzzTransmit(f *testing.F) {
 	for _, path := range files {
 		var seed []byte
 		for _, s := range readTranscript(f, path) {
-			if s.power {
+			if s.Power {
 				seed = append(seed, cardfuzz.PowerCycle...)
 				continue
 			}
-			seed = cardfuzz.Append(seed, s.cmd)
+			seed = cardfuzz.Append(seed, s.Cmd)
 		}
 		f.Add(seed)
 	}

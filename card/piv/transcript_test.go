@@ -1,16 +1,13 @@
 package piv
 
 import (
-	"bufio"
 	"bytes"
 	"context"
-	"os"
 	"path/filepath"
-	"strings"
 	"testing"
 	"time"
 
-	"github.com/vscard/vscard/apdu"
+	"github.com/vscard/vscard/internal/transcript"
 )
 
 // seqReader yields n, n+1, n+2 ... (mod 256): a predictable random source
@@ -45,52 +42,13 @@ func newTestCard(t testing.TB) (*Card, *MemoryStore) {
 	return c, st
 }
 
-type step struct {
-	line  int
-	power bool
-	cmd   []byte
-	want  []byte
-}
-
-func readTranscript(t testing.TB, path string) []step {
+func readTranscript(t testing.TB, path string) []transcript.Step {
 	t.Helper()
-	f, err := os.Open(path)
+	tr, err := transcript.ReadFile(path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer f.Close()
-	var steps []step
-	sc := bufio.NewScanner(f)
-	n := 0
-	for sc.Scan() {
-		n++
-		line := strings.TrimSpace(sc.Text())
-		hexOf := func(s string) []byte {
-			b, err := apdu.ParseHex(s)
-			if err != nil {
-				t.Fatalf("%s:%d: %v", path, n, err)
-			}
-			return b
-		}
-		switch {
-		case line == "" || strings.HasPrefix(line, "#"):
-		case line == "-- power cycle":
-			steps = append(steps, step{line: n, power: true})
-		case strings.HasPrefix(line, ">> "):
-			steps = append(steps, step{line: n, cmd: hexOf(line[3:])})
-		case strings.HasPrefix(line, "<< "):
-			if len(steps) == 0 || steps[len(steps)-1].cmd == nil || steps[len(steps)-1].want != nil {
-				t.Fatalf("%s:%d: answer without command", path, n)
-			}
-			steps[len(steps)-1].want = hexOf(line[3:])
-		default:
-			t.Fatalf("%s:%d: unknown line %q", path, n, line)
-		}
-	}
-	if err := sc.Err(); err != nil {
-		t.Fatal(err)
-	}
-	return steps
+	return tr.Steps
 }
 
 // TestTranscripts replays every testdata transcript against a fresh card.
@@ -104,20 +62,20 @@ func TestTranscripts(t *testing.T) {
 			c, _ := newTestCard(t)
 			ctx := context.Background()
 			for _, s := range readTranscript(t, path) {
-				if s.power {
+				if s.Power {
 					c.PowerOff()
 					c.PowerOn()
 					continue
 				}
-				if s.want == nil {
-					t.Fatalf("line %d: command without expected answer", s.line)
+				if s.Reply == nil {
+					t.Fatalf("line %d: command without expected answer", s.Line)
 				}
-				got, err := c.Transmit(ctx, s.cmd)
+				got, err := c.Transmit(ctx, s.Cmd)
 				if err != nil {
-					t.Fatalf("line %d: %X: %v", s.line, s.cmd, err)
+					t.Fatalf("line %d: %X: %v", s.Line, s.Cmd, err)
 				}
-				if !bytes.Equal(got, s.want) {
-					t.Fatalf("line %d: %X\n got %X\nwant %X", s.line, s.cmd, got, s.want)
+				if !bytes.Equal(got, s.Reply) {
+					t.Fatalf("line %d: %X\n got %X\nwant %X", s.Line, s.Cmd, got, s.Reply)
 				}
 			}
 		})

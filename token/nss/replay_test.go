@@ -1,69 +1,26 @@
 package nss
 
 import (
-	"bufio"
 	"bytes"
 	"context"
-	"os"
 	"path/filepath"
-	"strings"
 	"testing"
 
-	"github.com/vscard/vscard/apdu"
 	"github.com/vscard/vscard/card/cac"
+	"github.com/vscard/vscard/internal/transcript"
 )
 
 const testDB = "testdata/libcacard-testdb"
 
-// xstep is one transcript exchange or a power cycle.
-type xstep struct {
-	line       int
-	power      bool
-	cmd, reply []byte
-}
-
-// readVectors parses the transcript format of card/cac/testdata/vectors
-// (shared reference vectors/README.md): "ATR hex", ">> cmd", "<< reply",
-// "-- power cycle", comments.
-func readVectors(t *testing.T, path string) (atr []byte, steps []xstep) {
+// readVectors parses a transcript of card/cac/testdata/vectors (shared
+// reference vectors/README.md format).
+func readVectors(t *testing.T, path string) (atr []byte, steps []transcript.Step) {
 	t.Helper()
-	f, err := os.Open(path)
+	tr, err := transcript.ReadFile(path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	sc.Buffer(make([]byte, 1<<16), 1<<20)
-	for n := 1; sc.Scan(); n++ {
-		line := strings.TrimSpace(sc.Text())
-		hex := func(s string) []byte {
-			b, err := apdu.ParseHex(s)
-			if err != nil {
-				t.Fatalf("%s:%d: %v", path, n, err)
-			}
-			return b
-		}
-		switch {
-		case line == "", strings.HasPrefix(line, "#"), strings.HasPrefix(line, "NSSATR "):
-		case strings.HasPrefix(line, "ATR "):
-			atr = hex(line[4:])
-		case line == "-- power cycle":
-			steps = append(steps, xstep{line: n, power: true})
-		case strings.HasPrefix(line, ">> "):
-			steps = append(steps, xstep{line: n, cmd: hex(line[3:])})
-		case strings.HasPrefix(line, "<< "):
-			if len(steps) == 0 || steps[len(steps)-1].cmd == nil || steps[len(steps)-1].reply != nil {
-				t.Fatalf("%s:%d: response without command", path, n)
-			}
-			steps[len(steps)-1].reply = hex(line[3:])
-		default:
-			t.Fatalf("%s:%d: unknown line %q", path, n, line)
-		}
-	}
-	if err := sc.Err(); err != nil {
-		t.Fatal(err)
-	}
-	return atr, steps
+	return tr.ATR, tr.Steps
 }
 
 // TestReplayLibcacard serves libcacard's own test database through this
@@ -112,19 +69,19 @@ func TestReplayLibcacard(t *testing.T) {
 			c.PowerOn()
 			crypto := 0
 			for _, s := range steps {
-				if s.power {
+				if s.Power {
 					c.PowerOff()
 					c.PowerOn()
 					continue
 				}
-				got, err := c.Transmit(ctx, s.cmd)
+				got, err := c.Transmit(ctx, s.Cmd)
 				if err != nil {
-					t.Fatalf("line %d: %X: %v", s.line, s.cmd, err)
+					t.Fatalf("line %d: %X: %v", s.Line, s.Cmd, err)
 				}
-				if !bytes.Equal(got, s.reply) {
-					t.Errorf("line %d: %X\n got %X\nwant %X", s.line, s.cmd, got, s.reply)
+				if !bytes.Equal(got, s.Reply) {
+					t.Errorf("line %d: %X\n got %X\nwant %X", s.Line, s.Cmd, got, s.Reply)
 				}
-				if len(s.cmd) > 1 && s.cmd[1] == 0x42 {
+				if len(s.Cmd) > 1 && s.Cmd[1] == 0x42 {
 					crypto++
 				}
 			}
