@@ -404,3 +404,23 @@ func (g *guestSession) host(t *testing.T, name string, action func()) {
 	action()
 	t.Logf("host action %s took %v", name, time.Since(began).Round(time.Millisecond))
 }
+
+// startGuest boots cfg and returns the session; the console tail and the
+// host log are printed when the test fails.
+func startGuest(t *testing.T, cfg Config, hostLog string) *guestSession {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), cfg.Timeout)
+	t.Cleanup(cancel)
+	vm, err := Start(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		vm.Close()
+		if t.Failed() {
+			t.Logf("guest console (tail of %s):\n%s", cfg.ConsoleLog, vm.Tail(150))
+			t.Logf("host processes' log (tail of %s):\n%s", hostLog, fileTail(hostLog, 60))
+		}
+	})
+	return &guestSession{t: t, vm: vm, ctx: ctx}
+}

@@ -2,7 +2,6 @@ package guest
 
 import (
 	"bytes"
-	"context"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -82,26 +81,6 @@ func pivGuestFiles(t *testing.T) (map[string][]byte, []byte) {
 		"/vscard/piv-data":   data,
 		"/vscard/piv-digest": h[:],
 	}, data
-}
-
-// pivStartGuest boots cfg; the console tail and the host log are printed
-// when the test fails.
-func pivStartGuest(t *testing.T, cfg Config, hostLog string) *guestSession {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), cfg.Timeout)
-	t.Cleanup(cancel)
-	vm, err := Start(ctx, cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		vm.Close()
-		if t.Failed() {
-			t.Logf("guest console (tail of %s):\n%s", cfg.ConsoleLog, vm.Tail(150))
-			t.Logf("host processes' log (tail of %s):\n%s", hostLog, fileTail(hostLog, 60))
-		}
-	})
-	return &guestSession{t: t, vm: vm, ctx: ctx}
 }
 
 // pivSigned reads the guest's signature step name and its certificate
@@ -246,7 +225,7 @@ func TestGuestPIVConnect(t *testing.T) {
 	files, data := pivGuestFiles(t)
 	cfg.Files = files
 	start := time.Now()
-	g := pivStartGuest(t, cfg, hostLog)
+	g := startGuest(t, cfg, hostLog)
 	// QEMU's chardev listens from its start (server=on, wait=off);
 	// vscard connect retries until it is there.
 	conn := connect(rsaCard, filepath.Join(ctlDir, "1.sock"))
@@ -308,7 +287,7 @@ func TestGuestPIVReader(t *testing.T) {
 	files, data := pivGuestFiles(t)
 	cfg.Files = files
 	start := time.Now()
-	g := pivStartGuest(t, cfg, hostLog)
+	g := startGuest(t, cfg, hostLog)
 	// QEMU makes its listening socket at start; vscard reader dials it
 	// (and retries with backoff if it comes first).
 	reader := startProc(t, hostLog, false, vscardBin, "reader", "--usbredir", redir,
