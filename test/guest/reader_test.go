@@ -219,14 +219,7 @@ func waitListen(t *testing.T, addr string, p *proc) {
 // SIGKILL and restart of the reader.
 func TestGuestReaderUSBRedir(t *testing.T) {
 	requireGuest(t)
-	script, err := os.ReadFile("testdata/reader-usbredir.sh")
-	if err != nil {
-		t.Fatal(err)
-	}
-	lib, err := os.ReadFile("testdata/reader-lib.sh")
-	if err != nil {
-		t.Fatal(err)
-	}
+	script, lib := readerScripts(t, "reader-usbredir")
 	python, err := lookPath("python3")
 	if err != nil {
 		t.Fatal("python3 not found (the vscclient mimic needs it; run scripts/setup)")
@@ -434,14 +427,7 @@ func TestGuestReaderUSBRedir(t *testing.T) {
 // connecting in; the guest signs with the card.
 func TestGuestReaderUSBRedirListen(t *testing.T) {
 	requireGuest(t)
-	script, err := os.ReadFile("testdata/reader-listen.sh")
-	if err != nil {
-		t.Fatal(err)
-	}
-	lib, err := os.ReadFile("testdata/reader-lib.sh")
-	if err != nil {
-		t.Fatal(err)
-	}
+	script, lib := readerScripts(t, "reader-listen")
 	e := newReaderEnv(t)
 	cardA, pubA, _ := e.card("a", "")
 	sock := filepath.Join(e.dir, "usbredir.sock")
@@ -476,14 +462,7 @@ func TestGuestReaderUSBRedirListen(t *testing.T) {
 // 127.0.0.1), and runs the same OpenSC checks.
 func TestGuestReaderUSBIP(t *testing.T) {
 	requireGuest(t)
-	script, err := os.ReadFile("testdata/reader-usbip.sh")
-	if err != nil {
-		t.Fatal(err)
-	}
-	lib, err := os.ReadFile("testdata/reader-lib.sh")
-	if err != nil {
-		t.Fatal(err)
-	}
+	script, lib := readerScripts(t, "reader-usbip")
 	e := newReaderEnv(t)
 	cardA, pubA, _ := e.card("a", "")
 	addr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
@@ -567,14 +546,7 @@ const maxRedirRatio = 3.0
 // path is more than maxRedirRatio times as slow.
 func TestGuestReaderBench(t *testing.T) {
 	requireGuest(t)
-	script, err := os.ReadFile("testdata/reader-bench.sh")
-	if err != nil {
-		t.Fatal(err)
-	}
-	lib, err := os.ReadFile("testdata/reader-lib.sh")
-	if err != nil {
-		t.Fatal(err)
-	}
+	script, lib := readerScripts(t, "reader-bench")
 	e := newReaderEnv(t)
 	// Two cards of the same kind, one per path, so neither process shares
 	// the other's card files.
@@ -690,4 +662,18 @@ func TestUSBRedirArgs(t *testing.T) {
 	if err != nil || !strings.Contains(strings.Join(r.Console, "\n"), "usb-redir,") || strings.Contains(strings.Join(r.Console, "\n"), "usb-ccid") {
 		t.Errorf("usb-redir alone: err=%v console=%q", err, r.Console)
 	}
+}
+
+// readerScripts reads a reader test's guest script and the helpers
+// (reader-lib.sh) it sources.
+func readerScripts(t *testing.T, name string) (script, lib []byte) {
+	t.Helper()
+	script, err := os.ReadFile("testdata/" + name + ".sh")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if lib, err = os.ReadFile("testdata/reader-lib.sh"); err != nil {
+		t.Fatal(err)
+	}
+	return script, lib
 }
