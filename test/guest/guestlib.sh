@@ -33,3 +33,18 @@ poll() {
 has_reader() { opensc-tool --list-readers 2>/dev/null | grep -q 'QEMU\|CCID'; }
 has_card() { opensc-tool --atr >/dev/null 2>&1; }
 no_card() { ! opensc-tool --atr >/dev/null 2>&1; }
+# OpenSC's PKCS#11 module in the image, and pkcs11-tool on it.
+OPENSC=/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so
+p11() { pkcs11-tool --module $OPENSC "$@"; }
+# step NAME CMD...: run CMD as a step the host reads ("@@BEGIN NAME" ...
+# "@@END NAME STATUS"); failed collects the names of failed steps.
+failed=
+step() { # NAME CMD...: run CMD, report its output and status
+  n=$1; shift
+  echo "@@BEGIN $n"
+  "$@" 2>&1
+  s=$?
+  echo "@@END $n $s"
+  [ $s = 0 ] || failed="$failed $n"
+  return $s
+}

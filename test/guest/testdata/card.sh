@@ -6,19 +6,7 @@
 . /vscard/lib.sh
 PIN=$(cat /vscard/pin)
 printf '%s\n' "$PIN" >/tmp/pinfile
-OPENSC=/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so
 COOLKEY=/usr/lib/pkcs11/libcoolkeypk11.so
-p11() { pkcs11-tool --module $OPENSC "$@"; }
-failed=
-step() { # NAME CMD...: run CMD, report its output and status
-  n=$1; shift
-  echo "@@BEGIN $n"
-  "$@" 2>&1
-  s=$?
-  echo "@@END $n $s"
-  [ $s = 0 ] || failed="$failed $n"
-  return $s
-}
 # state NAME absent|present: wait until pcscd reports the card state.
 state() {
   echo "@@BEGIN $1"

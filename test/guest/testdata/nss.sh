@@ -4,19 +4,7 @@
 # Helpers from /vscard/lib.sh; steps are "@@BEGIN NAME" ... "@@END NAME
 # STATUS" for the host's subtests.
 . /vscard/lib.sh
-OPENSC=/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so
 COOLKEY=/usr/lib/pkcs11/libcoolkeypk11.so
-p11() { pkcs11-tool --module $OPENSC "$@"; }
-failed=
-step() { # NAME CMD...: run CMD, report its output and status
-  n=$1; shift
-  echo "@@BEGIN $n"
-  "$@" 2>&1
-  s=$?
-  echo "@@END $n $s"
-  [ $s = 0 ] || failed="$failed $n"
-  return $s
-}
 state() { # NAME absent|present: wait until pcscd reports the card state
   echo "@@BEGIN $1"
   if [ "$2" = absent ]; then poll 30 no_card; else poll 60 has_card; fi

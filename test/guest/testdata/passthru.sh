@@ -6,9 +6,6 @@
 # host's subtests read and judge; @@WAIT lines hand control to the host.
 . /vscard/lib.sh
 PIN=$(cat /vscard/pin)
-OPENSC=/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so
-p11() { pkcs11-tool --module $OPENSC "$@"; }
-failed=
 step() { # NAME CMD...: run CMD, report its output and status
   n=$1; shift
   echo "@@BEGIN $n"

@@ -6,9 +6,6 @@
 # the image has no openssl to hash with).
 . /vscard/lib.sh
 PIN=$(cat /vscard/pin)
-OPENSC=/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so
-p11() { pkcs11-tool --module $OPENSC "$@"; }
-failed=
 # piv_sign rsa|ec OUT [pkcs11-tool slot options]: one signature with 9A.
 # RSA: OpenSC pads (PKCS#1 v1.5, SHA-256) and the card does the raw
 # operation. EC: raw ECDSA over the host's digest; pkcs11-tool writes r||s.

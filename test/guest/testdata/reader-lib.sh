@@ -3,18 +3,6 @@
 # on /vscard/lib.sh (mark, host_wait, emit, poll, ms).
 . /vscard/lib.sh
 PIN=$(cat /vscard/pin)
-OPENSC=/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so
-p11() { pkcs11-tool --module $OPENSC "$@"; }
-failed=
-step() { # NAME CMD...: run CMD, report its output and status
-  n=$1; shift
-  echo "@@BEGIN $n"
-  "$@" 2>&1
-  s=$?
-  echo "@@END $n $s"
-  [ $s = 0 ] || failed="$failed $n"
-  return $s
-}
 # Readers as pcscd lists them ("0    Yes   ...  NAME 00 00"), whatever
 # name libccid's Info.plist gives this VID:PID.
 nreaders() { opensc-tool --list-readers 2>/dev/null | grep -cE '^[0-9]+ +(Yes|No) '; }
