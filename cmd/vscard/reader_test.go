@@ -14,6 +14,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -301,10 +302,8 @@ func TestReaderSources(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer app.close()
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	runDone := make(chan error, 1)
-	go func() { runDone <- app.run(ctx) }()
+	ctx, stop := startApp(t, app)
+	defer stop()
 
 	// A vscard.Client plays vscard connect into the listening slot.
 	tok, err := store.Open(cardDir)
@@ -386,16 +385,8 @@ func TestReaderSources(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitFor(t, func() bool { return app.slots[1].isInserted() })
-	cancel()
+	stop()
 	<-clDone
-	select {
-	case err := <-runDone:
-		if err != nil {
-			t.Fatal(err)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("run did not return")
-	}
 	if !strings.Contains(logBuf.String(), "waiting for one") {
 		t.Errorf("log does not say what the VSCard slot waits for:\n%s", logBuf.String())
 	}
@@ -405,6 +396,32 @@ func TestReaderSources(t *testing.T) {
 	if strings.Contains(trace.String(), "313233343536") {
 		t.Errorf("trace holds the PIN:\n%s", trace.String())
 	}
+}
+
+// startApp runs app until stop, which callers defer (after app.close's
+// defer, so the reader stops before it is closed) and may call earlier.
+// stop cancels the ctx it returns and waits for run: an error from run,
+// or a run still going 10 s later, fails the test.
+func startApp(t *testing.T, app *readerApp) (ctx context.Context, stop func()) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- app.run(ctx) }()
+	var once sync.Once
+	stop = func() {
+		once.Do(func() {
+			cancel()
+			select {
+			case err := <-done:
+				if err != nil {
+					t.Errorf("reader run: %v", err)
+				}
+			case <-time.After(10 * time.Second):
+				t.Error("reader run did not return within 10 s of its ctx's end")
+			}
+		})
+	}
+	return ctx, stop
 }
 
 // shortDir is a temporary directory short enough for a socket path.
@@ -588,10 +605,8 @@ func TestReaderOneImporter(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	runDone := make(chan error, 1)
-	go func() { runDone <- app.run(ctx) }()
+	ctx, stop := startApp(t, app)
+	defer stop()
 	var addr string
 	waitFor(t, func() bool {
 		app.mu.Lock()
@@ -652,15 +667,7 @@ func TestReaderOneImporter(t *testing.T) {
 		t.Errorf("log does not say why the import was refused:\n%s", logBuf.String())
 	}
 	app.att.release("usbredir")
-	cancel()
-	select {
-	case err := <-runDone:
-		if err != nil {
-			t.Fatal(err)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("run did not return")
-	}
+	stop()
 }
 
 // TestReaderUSBRedirReconnect: the usbredir dialer connects to "QEMU"
@@ -680,10 +687,8 @@ func TestReaderUSBRedirReconnect(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	runDone := make(chan error, 1)
-	go func() { runDone <- app.run(ctx) }()
+	_, stop := startApp(t, app)
+	defer stop()
 	for i := range 2 {
 		ln.(*net.UnixListener).SetDeadline(time.Now().Add(10 * time.Second))
 		c, err := ln.Accept()
@@ -699,15 +704,7 @@ func TestReaderUSBRedirReconnect(t *testing.T) {
 		waitFor(t, func() bool { return app.att.holder() == "usbredir" })
 		c.Close()
 	}
-	cancel()
-	select {
-	case err := <-runDone:
-		if err != nil {
-			t.Fatal(err)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("run did not return")
-	}
+	stop()
 	if who := app.att.holder(); who != "" {
 		t.Errorf("the reader is still held by %s after shutdown", who)
 	}
@@ -725,10 +722,8 @@ func TestReaderPCSCWithoutDaemon(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	runDone := make(chan error, 1)
-	go func() { runDone <- app.run(ctx) }()
+	ctx, stop := startApp(t, app)
+	defer stop()
 	waitFor(t, func() bool { return strings.Contains(logBuf.String(), "waiting for pcscd") })
 	if a := app.handle(ctx, "list"); !strings.Contains(a, "slot 0: empty: physical card in PC/SC reader \"Virtual PCD 00 00\"") ||
 		!strings.Contains(a, "pcscd: not reachable") {
@@ -766,15 +761,7 @@ func TestReaderPCSCWithoutDaemon(t *testing.T) {
 	if err := slot.RemoveReader(); err != nil || h.slotStatus(0) != 2 {
 		t.Fatalf("RemoveReader: %v; slot status %d, want 2", err, h.slotStatus(0))
 	}
-	cancel()
-	select {
-	case err := <-runDone:
-		if err != nil {
-			t.Fatal(err)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("run did not return")
-	}
+	stop()
 }
 
 // TestReaderVSCardTLS: with --tls-cert/--tls-key/--tls-ca the VSCard
@@ -791,10 +778,8 @@ func TestReaderVSCardTLS(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	runDone := make(chan error, 1)
-	go func() { runDone <- app.run(ctx) }()
+	ctx, stop := startApp(t, app)
+	defer stop()
 	waitFor(t, func() bool { _, err := os.Stat(vsock); return err == nil })
 
 	tok, err := store.Open(testCard(t))
@@ -838,9 +823,8 @@ func TestReaderVSCardTLS(t *testing.T) {
 	if got := h.xfr(0, fakehost.SelectACA); !bytes.Equal(got, []byte{0x61, 0x0D}) {
 		t.Errorf("SELECT ACA over TLS: % X", got)
 	}
-	cancel()
+	stop()
 	<-clDone
-	<-runDone
 }
 
 // TestReaderVSCClientQuirks plays vscclient by hand on a --vscard-listen
@@ -858,10 +842,8 @@ func TestReaderVSCClientQuirks(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	runDone := make(chan error, 1)
-	go func() { runDone <- app.run(ctx) }()
+	ctx, stop := startApp(t, app)
+	defer stop()
 	var c net.Conn
 	waitFor(t, func() bool { c, err = net.Dial("unix", vsock); return err == nil })
 	defer c.Close()
@@ -944,8 +926,7 @@ func TestReaderVSCClientQuirks(t *testing.T) {
 	}
 	c.Close()
 	waitFor(t, func() bool { return strings.Contains(app.handle(ctx, "list"), "no VSCard client (waiting on unix:") })
-	cancel()
-	<-runDone
+	stop()
 }
 
 // failingCard answers power-on and fails every APDU, as a physical card
