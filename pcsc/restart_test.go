@@ -3,13 +3,12 @@ package pcsc
 import (
 	"context"
 	"errors"
-	"fmt"
-	"net"
 	"os"
 	"os/exec"
-	"strconv"
 	"testing"
 	"time"
+
+	"github.com/vscard/vscard/internal/pcscdtest"
 )
 
 // TestE2EPcscdRestart checks that a Context notices pcscd going away
@@ -21,31 +20,10 @@ func TestE2EPcscdRestart(t *testing.T) {
 	if restart == "" {
 		t.Fatal("VSCARD_PCSCD_RESTART not set: scripts/with-pcscd too old?")
 	}
-	if os.Getenv(privateEnv) != "1" {
+	if !pcscdtest.Inside() {
 		t.Skip("not restarting a pcscd shared with other tests (see TestMain)")
 	}
 	restartBody(t, port, restart)
-}
-
-// freePortPair finds a port p with p+1 also free, for with-pcscd's two
-// vpcd slots.
-func freePortPair() (int, error) {
-	for range 50 {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			return 0, err
-		}
-		p := l.Addr().(*net.TCPAddr).Port
-		l2, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(p+1))
-		l.Close()
-		if err == nil {
-			l2.Close()
-			if p+1 <= 65534 {
-				return p, nil
-			}
-		}
-	}
-	return 0, fmt.Errorf("no two adjacent free TCP ports")
 }
 
 func restartBody(t *testing.T, port, restart string) {

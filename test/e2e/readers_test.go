@@ -7,7 +7,6 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"regexp"
@@ -17,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vscard/vscard/internal/pcscdtest"
 	"github.com/vscard/vscard/internal/vicc"
 )
 
@@ -435,26 +435,6 @@ kill -TERM "$w"; rc=0; wait "$w" || rc=$?; w=
 echo "watch exit $rc"
 `
 
-// freePortPair finds a port p with p and p+1 free for vpcd's two slots.
-func freePortPair(t *testing.T) int {
-	t.Helper()
-	for range 50 {
-		l, err := net.Listen("tcp", ":0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		p := l.Addr().(*net.TCPAddr).Port
-		l2, err := net.Listen("tcp", fmt.Sprintf(":%d", p+1))
-		l.Close()
-		if err == nil {
-			l2.Close()
-			return p
-		}
-	}
-	t.Fatal("no two adjacent free TCP ports")
-	return 0
-}
-
 // TestReadersWatchSurvivesPcscdRestart: --watch reports losing pcscd,
 // reconnects when it is back, and then reports card events from the new
 // daemon as before.
@@ -469,7 +449,10 @@ func TestReadersWatchSurvivesPcscdRestart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	port := freePortPair(t)
+	port, err := pcscdtest.FreePortPair()
+	if err != nil {
+		t.Fatal(err)
+	}
 	script := e.path("restart.sh")
 	if err := os.WriteFile(script, []byte(restartScript), 0o755); err != nil {
 		t.Fatal(err)
