@@ -424,17 +424,30 @@ func TestGuestReaderUSBRedir(t *testing.T) {
 
 // TestGuestReaderUSBRedirListen: the other direction of the usbredir link,
 // `vscard reader --usbredir unix:PATH --listen` with QEMU's chardev
-// connecting in; the guest signs with the card.
+// connecting in. Slot 0 holds a card directory; slot 1 forwards the card
+// in the host's pcscd (--pcsc), which `vscard serve` puts in vpcd's slot
+// 0 as a stand-in for a physical card. The guest signs with both, then
+// with the forwarded card again after a SIGKILL and restart of the
+// reader, which QEMU's chardev reconnects to by itself.
 func TestGuestReaderUSBRedirListen(t *testing.T) {
 	requireGuest(t)
 	script, lib := readerScripts(t, "reader-listen")
 	e := newReaderEnv(t)
 	cardA, pubA, _ := e.card("a", "")
+	cardB, pubB, _ := e.card("b", "")
+	const hostReader = "Virtual PCD 00 00"
+	startProc(t, e.hostLog, false, vscardBin, "serve", "--card", cardB, "--vpcd", fmt.Sprintf("127.0.0.1:%d", vpcdBase(t)))
+	waitHostCard(t, append(os.Environ(), "HOME="+e.dir), hostReader)
 	sock := filepath.Join(e.dir, "usbredir.sock")
-	reader := startProc(t, e.hostLog, false, vscardBin, "reader", "--usbredir", "unix:"+sock, "--listen",
-		"--card", cardA, "--control", e.ctl, "--no-stdin", "--log-level", "debug")
+	startReader := func() *proc {
+		return startProc(t, e.hostLog, false, vscardBin, "reader", "--usbredir", "unix:"+sock, "--listen",
+			"--card", cardA, "--pcsc", hostReader, "--control", e.ctl, "--no-stdin", "--log-level", "debug")
+	}
+	reader := startReader()
 	// QEMU's client chardev would also retry, but a socket that is there
-	// from the start keeps the boot's timing out of it.
+	// from the start keeps the boot's timing out of it. (After the
+	// restart below, the dead reader's socket file is still there: the
+	// new one replaces it, and QEMU retries every second until then.)
 	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(50 * time.Millisecond) {
 		if _, err := os.Stat(sock); err == nil {
 			break
@@ -448,8 +461,18 @@ func TestGuestReaderUSBRedirListen(t *testing.T) {
 	cfg.Files = map[string][]byte{"/vscard/pin": []byte(testPIN), "/vscard/reader-lib.sh": lib}
 	g := startGuest(t, cfg, e.hostLog)
 	g.step(t, "card-0")
+	g.step(t, "card-1")
 	data := decodeB64(t, g.step(t, "data"))
 	g.verified(t, "sig-0", pubA, data)
+	g.verified(t, "sig-1", pubB, data)
+	g.host(t, "kill", func() {
+		reader.kill()
+		reader = startReader()
+	})
+	t.Logf("%s", g.step(t, "reader-back").Output)
+	g.step(t, "restarted-0")
+	g.step(t, "restarted-1")
+	g.verified(t, "sig-restarted-1", pubB, data)
 	g.finish(t)
 	if reader.exited() {
 		t.Errorf("vscard reader exited by itself: %v", reader.err)

@@ -76,6 +76,30 @@ bench_rtt() {
   [ $_s = 0 ] || { echo "opensc-tool -r $2 failed ($_s):"; tail -n 5 /tmp/bench.out; }
   return $_s
 }
+# reader_restarted HOSTSTEP: the host SIGKILLs and restarts `vscard
+# reader` at HOSTSTEP; the USB device leaves and comes back with a new
+# address. The guest has no udevd, so pcscd (libudev hotplug) and libusb
+# never hear of the new device; restart pcscd, as udev would have told it.
+devnum() {
+  for d in /sys/bus/usb/devices/*; do
+    [ "$(cat $d/idVendor 2>/dev/null)" = 08e6 ] && cat $d/devnum
+  done
+}
+reader_restarted() {
+  _before=$(devnum)
+  host_wait "$1"
+  echo "@@BEGIN reader-back"
+  came_back() { _d=$(devnum); [ -n "$_d" ] && [ "$_d" != "$_before" ]; }
+  poll 60 came_back
+  s=$?
+  echo "usb device number before=$_before after=$(devnum)"
+  echo "@@END reader-back $s"
+  [ $s = 0 ] || failed="$failed reader-back"
+  kill "$(pidof pcscd)" 2>/dev/null
+  poll 10 sh -c '! pidof pcscd'
+  pcscd --foreground --debug --apdu >>/tmp/pcscd.log 2>&1 &
+  rm -f /tmp/slots # PKCS#11 slot ids change with the new pcscd
+}
 # finish: report failed steps with the pcscd log tail, for the console.
 finish_steps() {
   if [ -n "$failed" ]; then

@@ -71,27 +71,8 @@ echo "@@END mimic-after-error $s"
 [ $s = 0 ] || failed="$failed mimic-after-error"
 signed sig-mimic-after-error 2
 
-# SIGKILL and restart `vscard reader`: the USB device leaves and comes back
-# with a new address. The guest has no udevd, so pcscd (libudev hotplug)
-# and libusb never hear of the new device; restart pcscd, as udev would
-# have told it.
-devnum() {
-  for d in /sys/bus/usb/devices/*; do
-    [ "$(cat $d/idVendor 2>/dev/null)" = 08e6 ] && cat $d/devnum
-  done
-}
-before=$(devnum)
-host_wait kill
-echo "@@BEGIN reader-back"
-came_back() { d=$(devnum); [ -n "$d" ] && [ "$d" != "$before" ]; }
-poll 60 came_back
-s=$?
-echo "usb device number before=$before after=$(devnum)"
-echo "@@END reader-back $s"
-[ $s = 0 ] || failed="$failed reader-back"
-kill "$(pidof pcscd)" 2>/dev/null
-poll 10 sh -c '! pidof pcscd'
-pcscd --foreground --debug --apdu >>/tmp/pcscd.log 2>&1 &
+# SIGKILL and restart `vscard reader` (reader-lib.sh).
+reader_restarted kill
 state restarted 0 present
 signed sig-restarted 0
 finish_steps
