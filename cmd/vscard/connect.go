@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"flag"
 	"fmt"
@@ -321,13 +320,9 @@ func clientTLSConfig(caFile, certFile, keyFile, serverName string, tgt target) (
 	if (certFile == "") != (keyFile == "") {
 		return nil, fmt.Errorf("%w: give --tls-cert and --tls-key together", errUsage)
 	}
-	pem, err := os.ReadFile(caFile)
+	pool, err := readCertPool(caFile)
 	if err != nil {
 		return nil, fmt.Errorf("--tls-ca: %w", err)
-	}
-	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(pem) {
-		return nil, fmt.Errorf("--tls-ca %s: no PEM certificate in it", caFile)
 	}
 	cfg := &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12, ServerName: serverName}
 	if cfg.ServerName == "" {
@@ -350,6 +345,10 @@ func clientTLSConfig(caFile, certFile, keyFile, serverName string, tgt target) (
 // black-holed address does not stall the reconnect loop.
 const dialTimeout = 10 * time.Second
 
+// errTLSHandshake marks a dial that reached the peer but failed its TLS
+// handshake: a problem of certificates, not of a peer that is down.
+var errTLSHandshake = errors.New("TLS handshake")
+
 // dialer returns the dial function for vscard.NewClient.
 func dialer(tgt target, cfg *tls.Config) func(ctx context.Context) (net.Conn, error) {
 	return func(ctx context.Context) (net.Conn, error) {
@@ -370,7 +369,7 @@ func dialer(tgt target, cfg *tls.Config) func(ctx context.Context) (net.Conn, er
 		tc := tls.Client(nc, cfg)
 		if err := tc.HandshakeContext(ctx); err != nil {
 			nc.Close()
-			return nil, fmt.Errorf("TLS handshake with %s: %w", tgt, err)
+			return nil, fmt.Errorf("%w with %s: %w", errTLSHandshake, tgt, err)
 		}
 		return tc, nil
 	}

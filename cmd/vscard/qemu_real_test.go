@@ -154,3 +154,75 @@ func hostMessages(t *testing.T, trace string) (inits, acks int) {
 	}
 	return inits, acks
 }
+
+// TestReaderRealQEMUTLS exports the reader over usbredir with TLS to QEMU
+// 7.2's usb-redir, both ways round: QEMU's server chardev with
+// tls-creds-x509 endpoint=server,verify-peer=on and the reader connecting,
+// and QEMU's client chardev (endpoint=client) dialling `--listen`. One
+// directory in QEMU's layout serves both ends. QEMU runs with no guest OS
+// (the firmware enumerates the xHCI port); debug=4 makes it log the
+// device it attaches.
+func TestReaderRealQEMUTLS(t *testing.T) {
+	if os.Getenv("VSCARD_E2E") != "1" {
+		t.Skip("set VSCARD_E2E=1 to run against a real QEMU")
+	}
+	bin, err := exec.LookPath("qemu-system-x86_64")
+	if err != nil {
+		t.Fatal("VSCARD_E2E=1 but qemu-system-x86_64 is not installed (Debian package qemu-system-x86)")
+	}
+	p := newPKI(t)
+	for _, listen := range []bool{false, true} {
+		name := map[bool]string{false: "qemu-server", true: "qemu-client"}[listen]
+		t.Run(name, func(t *testing.T) {
+			l, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			addr := l.Addr().(*net.TCPAddr)
+			l.Close()
+			endpoint, chardev := "server,verify-peer=on", "server=on,wait=off"
+			if listen {
+				endpoint, chardev = "client", "server=off,reconnect=1"
+			}
+			var qout syncBuffer
+			cmd := exec.Command(bin, "-M", "pc", "-m", "64", "-nodefaults", "-nographic", "-display", "none",
+				"-accel", "tcg", "-serial", "none", "-monitor", "none", "-device", "qemu-xhci",
+				"-object", "tls-creds-x509,id=t0,dir="+qemuEscape(p.dir)+",endpoint="+endpoint,
+				"-chardev", fmt.Sprintf("socket,id=r0,host=127.0.0.1,port=%d,%s,nodelay=on,tls-creds=t0", addr.Port, chardev),
+				"-device", "usb-redir,chardev=r0,debug=4")
+			cmd.Stdout, cmd.Stderr = &qout, &qout
+			cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+			if listen {
+				// The reader listens first; QEMU's client chardev then
+				// connects at once instead of after its reconnect delay.
+				defer func() { cmd.Process.Kill(); cmd.Wait() }()
+			}
+			tgt := target{Network: "tcp", Addr: addr.String(), Host: "127.0.0.1"}
+			if !listen {
+				if err := cmd.Start(); err != nil {
+					t.Fatalf("start QEMU: %v", err)
+				}
+				defer func() { cmd.Process.Kill(); cmd.Wait() }()
+			}
+			app, logBuf := tlsReaderApp(t, tgt, listen, p.dir)
+			if listen {
+				if err := cmd.Start(); err != nil {
+					t.Fatalf("start QEMU: %v", err)
+				}
+			}
+			deadline := time.Now().Add(60 * time.Second)
+			for !strings.Contains(qout.String(), "attaching full speed device 08e6:4433") {
+				if time.Now().After(deadline) {
+					t.Fatalf("QEMU did not attach the reader over TLS\nQEMU:\n%s\nvscard:\n%s", qout.String(), logBuf.String())
+				}
+				time.Sleep(50 * time.Millisecond)
+			}
+			if who := app.att.holder(); who != "usbredir" {
+				t.Errorf("reader attached over %q, want usbredir", who)
+			}
+			if l := logBuf.String(); strings.Contains(l, "TLS handshake") {
+				t.Errorf("a TLS handshake failed on the way:\n%s", l)
+			}
+		})
+	}
+}

@@ -58,7 +58,13 @@ Exports (at least one):
       -device usb-redir,chardev=...), and connect again with backoff when
       QEMU restarts. With --listen, listen there instead, so that QEMU
       connects in with a client chardev (server=off,reconnect=N); one QEMU
-      at a time.
+      at a time. With --usbredir-tls-dir DIR (tcp only: QEMU has no TLS
+      on unix sockets) the link is TLS, as QEMU's chardev with
+      tls-creds-x509 asks. DIR is laid out like QEMU's credentials
+      directory: ca-cert.pem, which QEMU's certificate must chain to, and
+      client-cert.pem/client-key.pem for QEMU's verify-peer=on; with
+      --listen, server-cert.pem/server-key.pem, and with ca-cert.pem there
+      QEMU must present a certificate from that CA.
   --usbip HOST:PORT
       serve USB/IP ('usbip list -r HOST', 'usbip attach -r HOST -b ID'),
       port 3240 by default; --busid names the device (default 1-1).
@@ -117,6 +123,7 @@ type readerConfig struct {
 
 	usbredir       *target // nil: no usbredir export
 	usbredirListen bool
+	usbredirTLSDir string // "" for plain TCP
 	usbip          string // HOST:PORT, "" for none
 	busid          string
 	vid, pid       uint16
@@ -188,6 +195,7 @@ func parseReaderFlags(args []string, stderr io.Writer) (*readerConfig, error) {
 
 	usbredir := fs.String("usbredir", "", "export over usbredir: QEMU's chardev `TARGET`, unix:PATH or tcp:HOST:PORT")
 	fs.BoolVar(&cfg.usbredirListen, "listen", false, "with --usbredir: listen at TARGET for QEMU to connect (default: connect to QEMU)")
+	fs.StringVar(&cfg.usbredirTLSDir, "usbredir-tls-dir", "", "with --usbredir tcp:HOST:PORT: TLS, with certificates in `DIR` laid out like QEMU's tls-creds-x509 dir (ca-cert.pem, client-cert.pem/client-key.pem; server-cert.pem/server-key.pem with --listen)")
 	fs.StringVar(&cfg.usbip, "usbip", "", "export over USB/IP, listening on `HOST:PORT` (e.g. 127.0.0.1:3240)")
 	fs.StringVar(&cfg.busid, "busid", "", "with --usbip: the bus `ID` clients attach (default 1-1)")
 	vidPID := fs.String("vid-pid", "08e6:4433", "USB vendor and product `ID`s, hex VID:PID (the default is one stock libccid knows)")
@@ -264,8 +272,13 @@ func parseReaderFlags(args []string, stderr io.Writer) (*readerConfig, error) {
 			return nil, fmt.Errorf("%w: --usbredir: %v", errUsage, err)
 		}
 		cfg.usbredir = &t
-	} else if cfg.usbredirListen {
-		return nil, fmt.Errorf("%w: --listen goes with --usbredir", errUsage)
+		if cfg.usbredirTLSDir != "" && t.Network != "tcp" {
+			// QEMU 7.2: "'tls_creds' option is incompatible with 'unix'
+			// address type".
+			return nil, fmt.Errorf("%w: --usbredir-tls-dir needs --usbredir tcp:HOST:PORT: QEMU has no TLS on unix sockets (protect the socket file with its permissions instead)", errUsage)
+		}
+	} else if cfg.usbredirListen || cfg.usbredirTLSDir != "" {
+		return nil, fmt.Errorf("%w: --listen and --usbredir-tls-dir go with --usbredir", errUsage)
 	}
 	if cfg.usbip != "" {
 		a, err := parseUSBIPAddr(cfg.usbip)

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -32,9 +33,16 @@ const (
 // usbredirExport prepares --usbredir: it listens at once with --listen
 // (a listen failure is a startup error), and returns the loop to run.
 func (a *readerApp) usbredirExport(t target) (func(ctx context.Context) error, error) {
+	var tlsCfg *tls.Config
+	if a.cfg.usbredirTLSDir != "" {
+		var err error
+		if tlsCfg, err = usbredirTLSConfig(a.cfg.usbredirTLSDir, a.cfg.usbredirListen, t); err != nil {
+			return nil, err
+		}
+	}
 	if !a.cfg.usbredirListen {
 		e := a.export("usbredir", t.String(), "QEMU not connected yet (connecting)")
-		return func(ctx context.Context) error { return a.usbredirDial(ctx, t, e) }, nil
+		return func(ctx context.Context) error { return a.usbredirDial(ctx, t, tlsCfg, e) }, nil
 	}
 	ln, err := listenTarget(t)
 	if err != nil {
@@ -42,7 +50,7 @@ func (a *readerApp) usbredirExport(t target) (func(ctx context.Context) error, e
 	}
 	a.lns = append(a.lns, ln)
 	e := a.export("usbredir", t.String(), "QEMU not connected yet (listening)")
-	return func(ctx context.Context) error { return a.usbredirListen(ctx, ln, t, e) }, nil
+	return func(ctx context.Context) error { return a.usbredirListen(ctx, ln, t, tlsCfg, e) }, nil
 }
 
 // usbredirSession serves one QEMU on nc and releases the reader after.
@@ -61,8 +69,8 @@ func (a *readerApp) usbredirSession(ctx context.Context, nc net.Conn, e *exportS
 
 // usbredirDial connects to QEMU's server chardev, and again whenever
 // QEMU goes away, until ctx ends.
-func (a *readerApp) usbredirDial(ctx context.Context, t target, e *exportState) error {
-	dial := dialer(t, nil)
+func (a *readerApp) usbredirDial(ctx context.Context, t target, tlsCfg *tls.Config, e *exportState) error {
+	dial := dialer(t, tlsCfg)
 	backoff := usbredirMinBackoff
 	loggedWait, loggedDown := false, false
 	for ctx.Err() == nil {
@@ -86,7 +94,11 @@ func (a *readerApp) usbredirDial(ctx context.Context, t target, e *exportState) 
 				break
 			}
 			a.setExport(e, "QEMU not connected yet (retrying): "+err.Error(), "")
-			if !loggedDown {
+			if errors.Is(err, errTLSHandshake) {
+				// Every retry would fail alike until the files change.
+				a.log.Warn("QEMU's usbredir chardev answered, but the TLS handshake failed: check --usbredir-tls-dir against QEMU's tls-creds-x509; retrying with backoff",
+					"target", t.String(), "err", err)
+			} else if !loggedDown {
 				a.log.Info("QEMU not connected yet: its usbredir chardev does not answer; retrying with backoff",
 					"target", t.String(), "err", err)
 				loggedDown = true
@@ -126,7 +138,7 @@ func (a *readerApp) usbredirDial(ctx context.Context, t target, e *exportState) 
 
 // usbredirListen waits for QEMU to connect (a client chardev), one QEMU
 // at a time.
-func (a *readerApp) usbredirListen(ctx context.Context, ln net.Listener, t target, e *exportState) error {
+func (a *readerApp) usbredirListen(ctx context.Context, ln net.Listener, t target, tlsCfg *tls.Config, e *exportState) error {
 	stop := context.AfterFunc(ctx, func() { ln.Close() })
 	defer stop()
 	defer ln.Close()
@@ -166,6 +178,17 @@ func (a *readerApp) usbredirListen(ctx context.Context, ln net.Listener, t targe
 		go func() {
 			defer wg.Done()
 			defer busy.Store(false)
+			if tlsCfg != nil {
+				// Quick ACKs on the raw socket, under TLS (as dialer does).
+				tc, err := serverHandshake(ctx, netutil.LowLatency(nc), tlsCfg)
+				if err != nil {
+					a.att.release("usbredir")
+					a.log.Warn("QEMU's TLS handshake on the usbredir socket failed; waiting for it to connect again",
+						"peer", peerName(nc), "err", err)
+					return
+				}
+				nc = tc
+			}
 			a.usbredirSession(ctx, nc, e)
 			if ctx.Err() == nil {
 				a.setExport(e, "QEMU not connected (listening)", "")

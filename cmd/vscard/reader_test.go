@@ -81,6 +81,14 @@ func TestParseReaderFlags(t *testing.T) {
 				}
 				return ""
 			}},
+		{"usbredir over TLS",
+			[]string{"--usbredir", "tcp:127.0.0.1:7000", "--usbredir-tls-dir", "/pki", "--card", "/c"},
+			func(c *readerConfig) string {
+				if c.usbredirTLSDir != "/pki" || c.usbredir.String() != "tcp:127.0.0.1:7000" {
+					return fmt.Sprintf("%+v", c)
+				}
+				return ""
+			}},
 		{"TLS listener",
 			[]string{"--usbip", "127.0.0.1:3240", "--vscard-listen", "tcp:127.0.0.1:2001", "--tls-cert", "c.pem", "--tls-key", "k.pem", "--tls-ca", "ca.pem"},
 			func(c *readerConfig) string {
@@ -125,7 +133,9 @@ func TestReaderUsageErrors(t *testing.T) {
 		{append(exp, "--vscard-listen", "nowhere"), "want tcp:HOST:PORT"},
 		{append(exp, "--vscard-listen", "tcp:127.0.0.1:0"), "not a number from 1 to 65535"},
 		{[]string{"--usbredir", "bogus", "--card", "/c"}, "--usbredir"},
-		{[]string{"--listen", "--usbip", "127.0.0.1:1", "--card", "/c"}, "--listen goes with --usbredir"},
+		{[]string{"--listen", "--usbip", "127.0.0.1:1", "--card", "/c"}, "go with --usbredir"},
+		{[]string{"--usbredir-tls-dir", "/d", "--usbip", "127.0.0.1:1", "--card", "/c"}, "go with --usbredir"},
+		{[]string{"--usbredir", "unix:/r", "--usbredir-tls-dir", "/d", "--card", "/c"}, "QEMU has no TLS on unix sockets"},
 		{[]string{"--busid", "1-1", "--usbredir", "unix:/r", "--card", "/c"}, "--busid goes with --usbip"},
 		{append(exp, "--busid", "bad id", "--card", "/c"), "--busid"},
 		{append(exp, "--busid", strings.Repeat("1", 32), "--card", "/c"), "1 to 31"},

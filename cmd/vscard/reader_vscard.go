@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -29,13 +28,9 @@ func serverTLSConfig(caFile, certFile, keyFile string) (*tls.Config, error) {
 	}
 	cfg := &tls.Config{Certificates: []tls.Certificate{kp}, MinVersion: tls.VersionTLS12}
 	if caFile != "" {
-		pem, err := os.ReadFile(caFile)
+		pool, err := readCertPool(caFile)
 		if err != nil {
 			return nil, fmt.Errorf("--tls-ca: %w", err)
-		}
-		pool := x509.NewCertPool()
-		if !pool.AppendCertsFromPEM(pem) {
-			return nil, fmt.Errorf("--tls-ca %s: no PEM certificate in it", caFile)
 		}
 		cfg.ClientCAs, cfg.ClientAuth = pool, tls.RequireAndVerifyClientCert
 	}
@@ -155,12 +150,8 @@ func (v *vscardSlot) client(ctx context.Context, nc net.Conn) {
 		}
 	}()
 	if v.tls != nil {
-		tc := tls.Server(nc, v.tls)
-		hctx, cancel := context.WithTimeout(ctx, handshakeTimeout)
-		err := tc.HandshakeContext(hctx)
-		cancel()
+		tc, err := serverHandshake(ctx, nc, v.tls)
 		if err != nil {
-			tc.Close()
 			v.setErr(err)
 			log.Warn("VSCard client's TLS handshake failed", "err", err)
 			return
