@@ -48,7 +48,7 @@ func Private() (code int, ran bool) {
 func Inside() bool { return os.Getenv(insideEnv) == "1" }
 
 func rerun() (int, error) {
-	root, err := moduleRoot()
+	root, err := ModuleRoot()
 	if err != nil {
 		return 0, err
 	}
@@ -95,9 +95,10 @@ func FreePortPair() (int, error) {
 	return 0, errors.New("pcscdtest: no two adjacent free TCP ports on 127.0.0.1")
 }
 
-// moduleRoot is the directory above the working directory (a package's,
-// under go test) that holds go.mod.
-func moduleRoot() (string, error) {
+// ModuleRoot is the directory at or above the working directory (a
+// package's, under go test) that holds go.mod: where scripts/ and the
+// commands to build are.
+func ModuleRoot() (string, error) {
 	dir, err := os.Getwd()
 	if err != nil {
 		return "", err

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
-	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -15,6 +14,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/vscard/vscard/internal/pcscdtest"
 )
 
 const (
@@ -59,7 +60,7 @@ func TestMain(m *testing.M) {
 
 // buildVscard builds ./cmd/vscard of the module this package lives in.
 func buildVscard(out string) error {
-	root, err := moduleRoot()
+	root, err := pcscdtest.ModuleRoot()
 	if err != nil {
 		return err
 	}
@@ -69,23 +70,6 @@ func buildVscard(out string) error {
 		return fmt.Errorf("go build ./cmd/vscard: %w\n%s", err, b)
 	}
 	return nil
-}
-
-func moduleRoot() (string, error) {
-	dir, err := os.Getwd()
-	if err != nil {
-		return "", err
-	}
-	for {
-		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
-			return dir, nil
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			return "", errors.New("go.mod not found above the test directory")
-		}
-		dir = parent
-	}
 }
 
 // requireE2E skips t outside a with-pcscd run.

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/vscard/vscard/internal/fakehost"
+	"github.com/vscard/vscard/internal/pcscdtest"
 	"github.com/vscard/vscard/pcsc"
 )
 
@@ -425,7 +426,7 @@ func TestPassthruAllReaders(t *testing.T) {
 // commands whose answers differ, with PINs redacted.
 func TestVscclientMirror(t *testing.T) {
 	e := newEnv(t)
-	root, err := moduleRoot()
+	root, err := pcscdtest.ModuleRoot()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -2,7 +2,6 @@ package guest
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -55,7 +54,7 @@ func setup() error {
 			return fmt.Errorf("%s not found (run scripts/setup): %w", tool, err)
 		}
 	}
-	root, err := moduleRoot()
+	root, err := pcscdtest.ModuleRoot()
 	if err != nil {
 		return err
 	}
@@ -105,23 +104,6 @@ func lookPath(tool string) (string, error) {
 		}
 	}
 	return "", exec.ErrNotFound
-}
-
-func moduleRoot() (string, error) {
-	dir, err := os.Getwd()
-	if err != nil {
-		return "", err
-	}
-	for {
-		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
-			return dir, nil
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			return "", errors.New("go.mod not found above the test directory")
-		}
-		dir = parent
-	}
 }
 
 // requireGuest skips outside VSCARD_E2E=1 and fails on a broken setup.
