@@ -68,6 +68,8 @@ func TestQEMUArgsGolden(t *testing.T) {
 		{"--socket tcp:[::1]:4000 --id card2", "ipv6"},
 		{"--socket unix:/run/vm/ccid,1.sock", "unix"},
 		{"--socket tcp:192.0.2.7:2001 --tls-dir /etc/pki/qemu", "tls"},
+		{"--usbredir --socket unix:/run/vm/redir.sock", "usbredir"},
+		{"--usbredir --socket tcp:192.0.2.7:7000 --tls-dir /etc/pki/qemu --id r1", "usbredir-tls"},
 	} {
 		t.Run(tc.golden, func(t *testing.T) {
 			var out, errb bytes.Buffer

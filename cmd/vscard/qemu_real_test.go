@@ -62,7 +62,7 @@ func TestConnectRealQEMU(t *testing.T) {
 			if tc.tls {
 				tlsDir = p.dir
 			}
-			line, _ := qemuArgs(tgt, tlsDir, "ccid")
+			line, _ := qemuArgs(tgt, tlsDir, "ccid", false)
 			qemu := append([]string{"-M", "q35", "-m", "64", "-nodefaults", "-display", "none", "-nographic",
 				"-accel", "tcg", "-S", "-monitor", "none", "-serial", "none", "-device", "qemu-xhci"},
 				strings.Fields(line)...)
@@ -157,7 +157,8 @@ func hostMessages(t *testing.T, trace string) (inits, acks int) {
 
 // TestReaderRealQEMUTLS exports the reader over usbredir with TLS to QEMU
 // 7.2's usb-redir, both ways round: QEMU's server chardev with
-// tls-creds-x509 endpoint=server,verify-peer=on and the reader connecting,
+// tls-creds-x509 endpoint=server,verify-peer=on (as `vscard qemu-args
+// --usbredir --tls-dir` prints it) and the reader connecting,
 // and QEMU's client chardev (endpoint=client) dialling `--listen`. One
 // directory in QEMU's layout serves both ends. QEMU runs with no guest OS
 // (the firmware enumerates the xHCI port); debug=4 makes it log the
@@ -180,16 +181,21 @@ func TestReaderRealQEMUTLS(t *testing.T) {
 			}
 			addr := l.Addr().(*net.TCPAddr)
 			l.Close()
-			endpoint, chardev := "server,verify-peer=on", "server=on,wait=off"
+			tgt := target{Network: "tcp", Addr: addr.String(), Host: "127.0.0.1"}
+			// QEMU's side: what `vscard qemu-args --usbredir --tls-dir`
+			// prints, or a client chardev for --listen.
+			line, _ := qemuArgs(tgt, p.dir, "r0", true)
 			if listen {
-				endpoint, chardev = "client", "server=off,reconnect=1"
+				line = "-object tls-creds-x509,id=t0,dir=" + qemuEscape(p.dir) + ",endpoint=client" +
+					fmt.Sprintf(" -chardev socket,id=r0,host=127.0.0.1,port=%d,server=off,reconnect=1,nodelay=on,tls-creds=t0", addr.Port) +
+					" -device usb-redir,chardev=r0"
 			}
+			qargs := append([]string{"-M", "pc", "-m", "64", "-nodefaults", "-nographic", "-display", "none",
+				"-accel", "tcg", "-serial", "none", "-monitor", "none", "-device", "qemu-xhci"}, strings.Fields(line)...)
+			// debug=4: QEMU logs the device it attaches.
+			qargs[len(qargs)-1] += ",debug=4"
 			var qout syncBuffer
-			cmd := exec.Command(bin, "-M", "pc", "-m", "64", "-nodefaults", "-nographic", "-display", "none",
-				"-accel", "tcg", "-serial", "none", "-monitor", "none", "-device", "qemu-xhci",
-				"-object", "tls-creds-x509,id=t0,dir="+qemuEscape(p.dir)+",endpoint="+endpoint,
-				"-chardev", fmt.Sprintf("socket,id=r0,host=127.0.0.1,port=%d,%s,nodelay=on,tls-creds=t0", addr.Port, chardev),
-				"-device", "usb-redir,chardev=r0,debug=4")
+			cmd := exec.Command(bin, qargs...)
 			cmd.Stdout, cmd.Stderr = &qout, &qout
 			cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 			if listen {
@@ -197,7 +203,6 @@ func TestReaderRealQEMUTLS(t *testing.T) {
 				// connects at once instead of after its reconnect delay.
 				defer func() { cmd.Process.Kill(); cmd.Wait() }()
 			}
-			tgt := target{Network: "tcp", Addr: addr.String(), Host: "127.0.0.1"}
 			if !listen {
 				if err := cmd.Start(); err != nil {
 					t.Fatalf("start QEMU: %v", err)
