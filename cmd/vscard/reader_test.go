@@ -171,7 +171,7 @@ func TestReaderHelp(t *testing.T) {
 		t.Fatalf("exit %d", code)
 	}
 	for _, want := range []string{"-card", "-nss", "-certs", "-pcsc", "-vscard-listen", "-usbredir", "-listen", "-usbip", "-busid",
-		"-vid-pid", "-control", "-trace", "-log-level", "-log-format", "-tls-ca", "-tls-cert", "-tls-key", "-allow-last-pin-try",
+		"-vid-pid", "-control", "-trace", "-log-level", "-log-format", "-tls-ca", "-tls-cert", "-tls-key", "-allow-last-pin-try", "-usbredir-tls-dir",
 		"insert [SLOT]", "remove [SLOT]", "list", "status", "debug LEVEL", "quit", "270 bytes", "one importer at a time",
 		"08e6:4433", "1-1", "loopback"} {
 		if !strings.Contains(out.String(), want) {
