@@ -72,7 +72,7 @@ func (a *readerApp) usbredirSession(ctx context.Context, nc net.Conn, e *exportS
 func (a *readerApp) usbredirDial(ctx context.Context, t target, tlsCfg *tls.Config, e *exportState) error {
 	dial := dialer(t, tlsCfg)
 	backoff := usbredirMinBackoff
-	loggedWait, loggedDown := false, false
+	loggedWait, loggedDown, loggedTLS := false, false, false
 	for ctx.Err() == nil {
 		// Look before dialling, and claim only once QEMU answers: a dialer
 		// that merely tries must not turn a USB/IP attach away.
@@ -94,16 +94,18 @@ func (a *readerApp) usbredirDial(ctx context.Context, t target, tlsCfg *tls.Conf
 				break
 			}
 			a.setExport(e, "QEMU not connected yet (retrying): "+err.Error(), "")
-			if errors.Is(err, errTLSHandshake) {
-				// Every retry would fail alike until the files change.
+			switch tlsErr := errors.Is(err, errTLSHandshake); {
+			case tlsErr && !loggedTLS:
+				// Said once: every retry fails alike until the files change.
 				a.log.Warn("QEMU's usbredir chardev answered, but the TLS handshake failed: check --usbredir-tls-dir against QEMU's tls-creds-x509; retrying with backoff",
 					"target", t.String(), "err", err)
-			} else if !loggedDown {
+				loggedTLS = true
+			case !tlsErr && !loggedDown:
 				a.log.Info("QEMU not connected yet: its usbredir chardev does not answer; retrying with backoff",
 					"target", t.String(), "err", err)
 				loggedDown = true
-			} else {
-				a.log.Debug("QEMU's usbredir chardev still does not answer", "target", t.String(), "err", err, "retry_in", backoff)
+			default:
+				a.log.Debug("QEMU's usbredir chardev still refuses the link", "target", t.String(), "err", err, "retry_in", backoff)
 			}
 			if !sleep(ctx, backoff) {
 				break
@@ -116,7 +118,7 @@ func (a *readerApp) usbredirDial(ctx context.Context, t target, tlsCfg *tls.Conf
 			nc.Close()
 			continue
 		}
-		loggedDown = false
+		loggedDown, loggedTLS = false, false
 		start := time.Now()
 		a.usbredirSession(ctx, nc, e)
 		if ctx.Err() != nil {
