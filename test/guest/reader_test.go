@@ -581,6 +581,9 @@ func TestGuestReaderBench(t *testing.T) {
 	cfg := bootConfig(t, ccidTarget, string(script))
 	cfg.USBRedir = redirTarget
 	cfg.Timeout = 10 * time.Minute
+	// QEMU's xHCI transfer events say where each path's time goes.
+	xhciTrace := filepath.Join(e.dir, "qemu-xhci-trace.log")
+	cfg.QEMUArgs = xhciTraceArgs(t, xhciTrace)
 	cfg.Files = map[string][]byte{"/vscard/pin": []byte(testPIN), "/vscard/reader-lib.sh": lib,
 		"/vscard/rounds": []byte(strconv.Itoa(benchRounds)), "/vscard/per-round": []byte(strconv.Itoa(benchPer))}
 	g := startGuest(t, cfg, e.hostLog)
@@ -625,8 +628,41 @@ func TestGuestReaderBench(t *testing.T) {
 	fmt.Fprintf(os.Stderr, "GUEST-APDU-RTT usbredir: median %v over %d APDUs\n", rm, len(redir))
 	fmt.Fprintf(os.Stderr, "GUEST-APDU-RTT usb-ccid: median %v over %d APDUs\n", cm, len(ccid))
 	fmt.Fprintf(os.Stderr, "GUEST-APDU-RTT usbredir/usb-ccid: %.2f\n", ratio)
+	reportAPDUSplit(t, xhciTrace)
 	if ratio > maxRedirRatio {
 		t.Errorf("the usbredir path (median %v) is %.2f times as slow as usb-ccid (median %v), over the %.2f bound", rm, ratio, cm, maxRedirRatio)
+	}
+}
+
+// reportAPDUSplit prints where an APDU's time went on each path, from
+// QEMU's xHCI trace of the bench boot (flushed when QEMU exited): usb-ccid
+// completes the bulk OUT inside QEMU, so `vscard connect` answers while
+// the guest turns to the bulk IN; usb-redir completes each transfer only
+// once vscard reader has answered it, two round trips in series.
+func reportAPDUSplit(t *testing.T, file string) {
+	t.Helper()
+	f, err := os.Open(file)
+	if err != nil {
+		t.Fatalf("QEMU's xHCI trace: %v", err)
+	}
+	defer f.Close()
+	splits, err := parseXHCITrace(f)
+	if err != nil {
+		t.Fatalf("QEMU's xHCI trace %s: %v", file, err)
+	}
+	seen := map[bool]bool{}
+	for _, s := range splits {
+		name := map[bool]string{false: "usb-ccid", true: "usbredir"}[s.Async]
+		if s.N < benchRounds*benchPer/2 {
+			continue // a slot that carried only the setup's APDUs
+		}
+		seen[s.Async] = true
+		t.Logf("%s: %v", name, s)
+		fmt.Fprintf(os.Stderr, "GUEST-APDU-SPLIT %s: bulk OUT %d µs, guest turn %d µs, bulk IN %d µs (medians over %d APDUs)\n",
+			name, s.Out.Microseconds(), s.Turn.Microseconds(), s.In.Microseconds(), s.N)
+	}
+	if !seen[false] || !seen[true] {
+		t.Errorf("QEMU's xHCI trace %s lacks one of the paths: %v", file, splits)
 	}
 }
 
