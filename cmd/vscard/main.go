@@ -61,7 +61,7 @@ func commands() []command {
 		{"connect", "connect a card to a QEMU guest's ccid-card-passthru socket", runConnect},
 		{"reader", "run vscard's own USB CCID reader, exported over usbredir and/or USB/IP", runReader},
 		{"ctl", "send a command (insert, remove, status, ...) to a running connect or reader", runCtl},
-		{"qemu-args", "print the QEMU options for 'vscard connect'", runQEMUArgs},
+		{"qemu-args", "print the QEMU options for 'vscard connect' (or, with --usbredir, 'vscard reader')", runQEMUArgs},
 		{"readers", "list PC/SC readers with card state and ATR (--watch for changes)", runReaders},
 		{"apdu", "send APDUs to a card in a PC/SC reader and print the responses", runAPDU},
 		{"atr", "decode an ATR: interface bytes, protocols, historical bytes", runATR},
