@@ -546,7 +546,7 @@ const (
 
 // maxRedirRatio bounds the usbredir path's median APDU round trip as a
 // multiple of usb-ccid's, measured in the same guest. The target
-// is 1 (no slower), and it is not met under TCG: in 19 runs on the 2-core
+// is 1 (no slower), and it is not met under TCG: in 29 runs on the 2-core
 // dev machine (load 4 to 14 from other work) the ratio was 1.06 to 2.11,
 // median about 1.5, with usbredir medians of 1.0-1.9 ms against 0.7-1.3
 // ms. usb-ccid completes both transfers of an APDU inside QEMU's vCPU
