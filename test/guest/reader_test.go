@@ -482,7 +482,9 @@ func TestGuestReaderUSBRedirListen(t *testing.T) {
 // TestGuestReaderUSBIP: the guest loads vhci-hcd, attaches `vscard reader
 // --usbip` with the stock usbip tool over QEMU user networking that
 // reaches nothing but the reader (restrict=on; one guestfwd to
-// 127.0.0.1), and runs the same OpenSC checks.
+// 127.0.0.1), and runs the same OpenSC checks. Then it detaches and
+// attaches again (the reader must let the device go), and attaches a
+// reader restarted after a SIGKILL; it signs after each.
 func TestGuestReaderUSBIP(t *testing.T) {
 	requireGuest(t)
 	script, lib := readerScripts(t, "reader-usbip")
@@ -490,14 +492,16 @@ func TestGuestReaderUSBIP(t *testing.T) {
 	cardA, pubA, _ := e.card("a", "")
 	addr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
 	const busid = "1-1"
-	reader := startProc(t, e.hostLog, false, vscardBin, "reader", "--usbip", addr, "--busid", busid,
-		"--card", cardA, "--control", e.ctl, "--no-stdin", "--log-level", "debug")
-	// QEMU's guestfwd chardev connects once, when QEMU starts (QEMU 7.2
-	// net/slirp.c): the reader must listen first.
-	waitListen(t, addr, reader)
+	startReader := func() *proc {
+		r := startProc(t, e.hostLog, false, vscardBin, "reader", "--usbip", addr, "--busid", busid,
+			"--card", cardA, "--control", e.ctl, "--no-stdin", "--log-level", "debug")
+		waitListen(t, addr, r)
+		return r
+	}
+	reader := startReader()
 
 	cfg := bootConfig(t, "", string(script))
-	cfg.QEMUArgs = usbipNetArgs(addr)
+	cfg.QEMUArgs = usbipNetArgs(t, addr)
 	cfg.Files = map[string][]byte{"/vscard/pin": []byte(testPIN), "/vscard/reader-lib.sh": lib, "/vscard/busid": []byte(busid)}
 	g := startGuest(t, cfg, e.hostLog)
 
@@ -515,9 +519,38 @@ func TestGuestReaderUSBIP(t *testing.T) {
 			t.Errorf("pkcs11-tool --login --test does not report \"No errors\":\n%s", s.Output)
 		}
 	})
+	var data []byte
 	t.Run("sign-verify-on-host", func(t *testing.T) {
-		data := decodeB64(t, g.step(t, "data"))
+		data = decodeB64(t, g.step(t, "data"))
 		g.verified(t, "sig-0", pubA, data)
+	})
+	// The reader lets go of the device when its importer detaches, and a
+	// new attach gets it again.
+	t.Run("detach-reattach", func(t *testing.T) {
+		t.Logf("guest usbip detach:\n%s", g.step(t, "detach").Output)
+		var st []byte
+		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+			st, _ = exec.Command(vscardBin, "ctl", "--control", e.ctl, "status").CombinedOutput()
+			if strings.Contains(string(st), "attached: no") {
+				break
+			}
+		}
+		if !strings.Contains(string(st), "attached: no") {
+			t.Errorf("the reader is still attached 10 s after the guest's detach:\n%s", st)
+		}
+		g.step(t, "reattach")
+		g.verified(t, "sig-reattached", pubA, data)
+	})
+	// A killed reader takes the device from the guest; the guest attaches
+	// the restarted one.
+	t.Run("sigkill-restart", func(t *testing.T) {
+		g.host(t, "kill", func() {
+			reader.kill()
+			reader = startReader()
+		})
+		t.Logf("guest after the kill:\n%s", g.step(t, "gone").Output)
+		g.step(t, "reattach-restarted")
+		g.verified(t, "sig-restarted", pubA, data)
 	})
 	g.finish(t)
 	if reader.exited() {
@@ -528,11 +561,23 @@ func TestGuestReaderUSBIP(t *testing.T) {
 // usbipNetArgs is the guest's only network: QEMU user mode with
 // restrict=on (no route to the host or beyond) and one guestfwd that maps
 // 10.0.2.100:3240 in the guest to the reader's USB/IP address on the
-// host's loopback. QEMU 7.2 syntax: guestfwd=tcp:GUESTADDR:PORT-DEV, DEV
-// a chardev spec.
-func usbipNetArgs(hostAddr string) []string {
+// host's loopback. The forward runs testdata/guestfwd_relay.py once per
+// guest connection (QEMU 7.2 syntax: guestfwd=tcp:ADDR:PORT-cmd:COMMAND),
+// so the guest can attach again after a detach or a restarted reader; a
+// chardev forward would connect once, when QEMU starts.
+func usbipNetArgs(t *testing.T, hostAddr string) []string {
+	t.Helper()
+	relay, err := filepath.Abs("testdata/guestfwd_relay.py")
+	if err != nil {
+		t.Fatal(err)
+	}
+	host, port, err := net.SplitHostPort(hostAddr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := strings.ReplaceAll(fmt.Sprintf("python3 %s %s %s", relay, host, port), ",", ",,")
 	return []string{
-		"-netdev", "user,id=net0,restrict=on,guestfwd=tcp:10.0.2.100:3240-tcp:" + hostAddr,
+		"-netdev", "user,id=net0,restrict=on,guestfwd=tcp:10.0.2.100:3240-cmd:" + cmd,
 		"-device", "e1000,netdev=net0",
 	}
 }

@@ -95,6 +95,11 @@ reader_restarted() {
   echo "usb device number before=$_before after=$(devnum)"
   echo "@@END reader-back $s"
   [ $s = 0 ] || failed="$failed reader-back"
+  pcscd_restart
+}
+# pcscd_restart: a new pcscd, which finds the reader's device as it is
+# now (the guest has no udevd to tell the old one of a new device).
+pcscd_restart() {
   kill "$(pidof pcscd)" 2>/dev/null
   poll 10 sh -c '! pidof pcscd'
   pcscd --foreground --debug --apdu >>/tmp/pcscd.log 2>&1 &
