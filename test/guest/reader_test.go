@@ -110,6 +110,16 @@ func (g *guestSession) finish(t *testing.T) {
 	}
 }
 
+// killAndRestart is the host step "kill" of the reader scripts: SIGKILL
+// *p, then start its replacement, which the guest waits for.
+func (g *guestSession) killAndRestart(t *testing.T, p **proc, start func() *proc) {
+	t.Helper()
+	g.host(t, "kill", func() {
+		(*p).kill()
+		*p = start()
+	})
+}
+
 // rttRe is one APDU's driver round trip in the bench step, tagged with
 // the path it took (reader-lib.sh bench_rtt).
 var rttRe = regexp.MustCompile(`(?m)^(redir|ccid) rtt_us=(\d+)$`)
@@ -401,10 +411,7 @@ func TestGuestReaderUSBRedir(t *testing.T) {
 		t.Logf("the vscclient mimic served slot 2 (%s)", since())
 	})
 	t.Run("sigkill-restart", func(t *testing.T) {
-		g.host(t, "kill", func() {
-			reader.kill()
-			reader = startReader()
-		})
+		g.killAndRestart(t, &reader, startReader)
 		t.Logf("%s", g.step(t, "reader-back").Output)
 		g.step(t, "restarted")
 		g.verified(t, "sig-restarted", pubA, data)
@@ -465,10 +472,7 @@ func TestGuestReaderUSBRedirListen(t *testing.T) {
 	data := decodeB64(t, g.step(t, "data"))
 	g.verified(t, "sig-0", pubA, data)
 	g.verified(t, "sig-1", pubB, data)
-	g.host(t, "kill", func() {
-		reader.kill()
-		reader = startReader()
-	})
+	g.killAndRestart(t, &reader, startReader)
 	t.Logf("%s", g.step(t, "reader-back").Output)
 	g.step(t, "restarted-0")
 	g.step(t, "restarted-1")
@@ -544,10 +548,7 @@ func TestGuestReaderUSBIP(t *testing.T) {
 	// A killed reader takes the device from the guest; the guest attaches
 	// the restarted one.
 	t.Run("sigkill-restart", func(t *testing.T) {
-		g.host(t, "kill", func() {
-			reader.kill()
-			reader = startReader()
-		})
+		g.killAndRestart(t, &reader, startReader)
 		t.Logf("guest after the kill:\n%s", g.step(t, "gone").Output)
 		g.step(t, "reattach-restarted")
 		g.verified(t, "sig-restarted", pubA, data)
