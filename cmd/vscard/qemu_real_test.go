@@ -28,13 +28,7 @@ import (
 //
 // It needs VSCARD_E2E=1 and the Debian package qemu-system-x86.
 func TestConnectRealQEMU(t *testing.T) {
-	if os.Getenv("VSCARD_E2E") != "1" {
-		t.Skip("set VSCARD_E2E=1 to run against a real QEMU")
-	}
-	bin, err := exec.LookPath("qemu-system-x86_64")
-	if err != nil {
-		t.Fatal("VSCARD_E2E=1 but qemu-system-x86_64 is not installed (Debian package qemu-system-x86)")
-	}
+	bin := realQEMU(t)
 	dir := testCard(t)
 	p := newPKI(t)
 	for _, tc := range []struct {
@@ -164,13 +158,7 @@ func hostMessages(t *testing.T, trace string) (inits, acks int) {
 // (the firmware enumerates the xHCI port); debug=4 makes it log the
 // device it attaches.
 func TestReaderRealQEMUTLS(t *testing.T) {
-	if os.Getenv("VSCARD_E2E") != "1" {
-		t.Skip("set VSCARD_E2E=1 to run against a real QEMU")
-	}
-	bin, err := exec.LookPath("qemu-system-x86_64")
-	if err != nil {
-		t.Fatal("VSCARD_E2E=1 but qemu-system-x86_64 is not installed (Debian package qemu-system-x86)")
-	}
+	bin := realQEMU(t)
 	p := newPKI(t)
 	for _, listen := range []bool{false, true} {
 		name := map[bool]string{false: "qemu-server", true: "qemu-client"}[listen]
@@ -230,4 +218,18 @@ func TestReaderRealQEMUTLS(t *testing.T) {
 			}
 		})
 	}
+}
+
+// realQEMU skips outside VSCARD_E2E=1 and returns qemu-system-x86_64's
+// path; under VSCARD_E2E=1 a missing QEMU fails the test.
+func realQEMU(t *testing.T) string {
+	t.Helper()
+	if os.Getenv("VSCARD_E2E") != "1" {
+		t.Skip("set VSCARD_E2E=1 to run against a real QEMU")
+	}
+	bin, err := exec.LookPath("qemu-system-x86_64")
+	if err != nil {
+		t.Fatal("VSCARD_E2E=1 but qemu-system-x86_64 is not installed (Debian package qemu-system-x86)")
+	}
+	return bin
 }
