@@ -63,8 +63,8 @@ type Options struct {
 	// see Trace.
 	Logger *slog.Logger
 
-	// Trace, if set, is called once per message from vpcd, after the card
-	// has answered it. PIN data is removed from the event before the call
+	// Trace, if set, is called once per message from vpcd, after the
+	// answer has been sent. PIN data is removed from the event before the call
 	// (see TraceEvent). JSONTrace makes a Trace that writes JSON lines.
 	Trace func(TraceEvent)
 

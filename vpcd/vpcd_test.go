@@ -543,3 +543,32 @@ func TestTrace(t *testing.T) {
 		t.Errorf("retained event command changed to %s", got)
 	}
 }
+
+// TestTraceAfterAnswer: the trace runs once the answer is on the wire, so
+// its cost never sits in an APDU's round trip. A Trace that blocks until
+// vpcd has read the answer would otherwise hold the answer back for good.
+func TestTraceAfterAnswer(t *testing.T) {
+	checkGoroutines(t)
+	v := newFakeVPCD(t)
+	answered := make(chan struct{})
+	trace := func(e TraceEvent) {
+		if e.Event != EventAPDU {
+			return
+		}
+		select {
+		case <-answered:
+		case <-time.After(5 * time.Second):
+			t.Error("trace called before vpcd had the answer")
+		}
+	}
+	stop := startServe(t, v.addr(), &fakeCard{}, &Options{Trace: trace})
+	p := v.accept(false)
+	p.mustSend([]byte{ctrlOn})
+	if got := p.transmit(mustHex(t, "00A4040007A0000000790100")); len(got) < 2 {
+		t.Fatalf("answer %X", got)
+	}
+	close(answered)
+	if err := stop(); err != nil {
+		t.Fatal(err)
+	}
+}
