@@ -55,8 +55,8 @@ func TestCACRSA3072(t *testing.T) {
 	js := JSONTrace(&jsonl)
 	h := newHost(t, &Options{Trace: func(e TraceEvent) {
 		mu.Lock()
+		defer mu.Unlock()
 		events = append(events, e)
-		mu.Unlock()
 		js(e)
 	}})
 	if err := h.r.Insert(0, c); err != nil {
