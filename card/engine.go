@@ -64,13 +64,15 @@ type Config struct {
 	// Logger receives debug traces of status words (never command data).
 	// Nil discards.
 	Logger *slog.Logger
-	// AbsentLe256 answers a command without Le (case 1 or 3) as if Le
-	// were 256: data up to 256 bytes comes back at once with 90 00, the
-	// way T=1 cards such as YubiKeys answer, instead of 61 xx (Rule A,
-	// cac.md §2.4). yubico-piv-tool sends SELECT without Le and fails on
-	// anything but 90 00. Longer data still goes through 61 xx. False
-	// keeps libcacard's behaviour.
-	AbsentLe256 bool
+	// AbsentLe256 reports whether a command without Le (case 1 or 3) is
+	// answered as if Le were 256: data up to 256 bytes comes back at once
+	// with 90 00, the way T=1 cards such as YubiKeys answer, instead of
+	// 61 xx (Rule A, cac.md §2.4). Longer data still goes through 61 xx.
+	// yubico-piv-tool sends SELECT without Le and fails on anything but
+	// 90 00; OpenSC strips Le from every case-4 command on a T=0 card and
+	// follows 61 xx with a GET RESPONSE, one more round trip. Nil keeps
+	// libcacard's behaviour for every command.
+	AbsentLe256 func(cmd apdu.Command) bool
 	// Default is the applet implicitly selected on the basic channel (0)
 	// after every power event and after a failed SELECT, as ISO 7816-4
 	// §7.1.1 allows for a card's default application: PIV clients such as
@@ -211,7 +213,7 @@ func (e *Engine) Transmit(ctx context.Context, raw []byte) ([]byte, error) {
 		}
 	}
 	ne := cmd.Ne
-	if !cmd.HasLe && e.cfg.AbsentLe256 {
+	if !cmd.HasLe && e.cfg.AbsentLe256 != nil && e.cfg.AbsentLe256(cmd) {
 		ne = 256
 	}
 	out := e.size(resp, ne)

@@ -26,7 +26,7 @@ func (a *testApplet) Select(int) []byte {
 }
 func (a *testApplet) Handle(_ context.Context, ch int, cmd apdu.Command) (apdu.Response, bool, error) {
 	switch cmd.INS {
-	case 0x01:
+	case 0x01, 0x04:
 		d := make([]byte, a.size)
 		for i := range d {
 			d[i] = byte(i)
@@ -230,13 +230,14 @@ func FuzzEngine(f *testing.F) {
 	})
 }
 
-// TestEngineAbsentLe256 checks Config.AbsentLe256: no Le reads as 256,
-// an explicit Le is still honoured, and data past 256 bytes is still
-// buffered.
+// TestEngineAbsentLe256 checks Config.AbsentLe256: no Le reads as 256
+// for the commands it picks (here all but INS 04), an explicit Le is
+// still honoured, and data past 256 bytes is still buffered.
 func TestEngineAbsentLe256(t *testing.T) {
 	a := &testApplet{aid: []byte{0xA0, 0x01}, size: 300}
 	small := &testApplet{aid: []byte{0xA0, 0x02}, size: 256}
-	e := NewEngine(Config{ATR: []byte{0x3B, 0x00}, Applets: []Applet{a, small}, AbsentLe256: true})
+	e := NewEngine(Config{ATR: []byte{0x3B, 0x00}, Applets: []Applet{a, small},
+		AbsentLe256: func(cmd apdu.Command) bool { return cmd.INS != 0x04 }})
 	for i, s := range [][2]string{
 		{"00A4040002A001", "6F009000"}, // case 3: data at once
 		{"00A4040002A00101", "6102"},   // explicit Le 1 < 2
@@ -246,8 +247,10 @@ func TestEngineAbsentLe256(t *testing.T) {
 		{"00A4040002A002", "6F009000"}, // the 256-byte applet
 		{"00010000", "len258:9000"},    // exactly 256 fit
 		{"0001000001", "6100"},         // explicit Le 1
-		{"00A4", "6700"},               // malformed unchanged
-		{"00A4040002A003", "6A82"},     // miss unchanged
+		{"00040000", "6100"},           // not picked: 61 xx as before
+		{"00C0000000", "len258:9000"},
+		{"00A4", "6700"},           // malformed unchanged
+		{"00A4040002A003", "6A82"}, // miss unchanged
 	} {
 		if got := run(t, e, s[0]); got != s[1] {
 			t.Fatalf("step %d %s: got %s, want %s", i, s[0], got, s[1])

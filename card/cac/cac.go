@@ -149,14 +149,29 @@ func New(tok token.Token, opts Options) (*Card, error) {
 		return nil, fmt.Errorf("cac: %w", err)
 	}
 	applets = append(applets, static...)
-	c.eng = card.NewEngine(card.Config{
+	cfg := card.Config{
 		ATR:     atr,
 		Applets: applets,
 		Generic: c.generic,
 		OnPower: c.onPower,
 		Logger:  c.log,
-	})
+	}
+	if !opts.Strict {
+		cfg.AbsentLe256 = answerAtOnce
+	}
+	c.eng = card.NewEngine(cfg)
 	return c, nil
+}
+
+// answerAtOnce picks the commands that default mode answers without Le
+// with their data and 90 00 instead of libcacard's 61 xx. OpenSC sends
+// READ BUFFER and SIGN/DECRYPT as case 4 and strips Le because the CAC
+// ATR offers only T=0, then spends a GET RESPONSE round trip through
+// pcscd on each: one per signature, one per 240-byte piece of a
+// certificate. SELECT keeps its 61 0D: nobody follows it up (OpenSC reads
+// nothing from the FCI), so it costs nothing (DIFFERENCES.md).
+func answerAtOnce(cmd apdu.Command) bool {
+	return cmd.INS == insSignDecrypt || cmd.INS == insReadBuffer
 }
 
 // ATR implements card.Card.

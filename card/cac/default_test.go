@@ -8,6 +8,7 @@ import (
 	"crypto/sha256"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"fmt"
 	"math/big"
 	"testing"
 	"time"
@@ -268,5 +269,51 @@ func TestMalformedKeepsBuffer(t *testing.T) {
 		if out := tx(t, c, "0052000002010202"); !bytes.Equal(out, mustHex(t, wantLen)) {
 			t.Fatalf("CCC still selected: %X", out)
 		}
+	}
+}
+
+// TestAbsentLe: OpenSC sends READ BUFFER and SIGN/DECRYPT without Le, as
+// case 3, because the CAC ATR offers only T=0. Strict mode answers them
+// 61 xx and waits for GET RESPONSE, as libcacard does; default mode
+// answers up to 256 bytes at once, one pcscd round trip less per
+// signature and per buffer piece. Both give the same bytes. SELECT keeps
+// its 61 0D in both modes.
+func TestAbsentLe(t *testing.T) {
+	block := make([]byte, 256)
+	block[1] = 1
+	for i := 2; i < 256-33; i++ {
+		block[i] = 0xFF
+	}
+	first := fmt.Sprintf("00428000F0%X", block[:240])
+	last := fmt.Sprintf("0042000010%X", block[240:])
+	var sigs [2][]byte
+	for i, strict := range []bool{true, false} {
+		c := newCard(t, strict, nil)
+		if out := tx(t, c, "00A4040007A0000000790100"); !bytes.Equal(out, []byte{0x61, 0x0D}) {
+			t.Fatalf("strict=%v: SELECT without Le: %X", strict, out)
+		}
+		if out := tx(t, c, first); !bytes.Equal(out, []byte{0x90, 0x00}) {
+			t.Fatalf("strict=%v: first chunk: %X", strict, out)
+		}
+		out := tx(t, c, last)
+		if strict {
+			if !bytes.Equal(out, []byte{0x61, 0x00}) {
+				t.Fatalf("strict: last chunk: %X", out)
+			}
+			out = tx(t, c, "00C0000000")
+		}
+		if sw(out) != 0x9000 || len(out) != 258 {
+			t.Fatalf("strict=%v: signature: %d bytes, SW %v", strict, len(out), sw(out))
+		}
+		sigs[i] = out
+		// A certificate piece as OpenSC reads it: READ BUFFER of 240
+		// bytes of the V-buffer, no Le.
+		out = tx(t, c, "005200000202F0")
+		if strict && !bytes.Equal(out, []byte{0x61, 0xF0}) || !strict && (len(out) != 242 || sw(out) != 0x9000) {
+			t.Fatalf("strict=%v: READ BUFFER without Le: %d bytes, SW %v", strict, len(out), sw(out))
+		}
+	}
+	if !bytes.Equal(sigs[0], sigs[1]) {
+		t.Fatal("strict and default signatures differ")
 	}
 }

@@ -34,6 +34,7 @@ import (
 	"io"
 	"log/slog"
 
+	"github.com/vscard/vscard/apdu"
 	"github.com/vscard/vscard/card"
 	"github.com/vscard/vscard/tlv"
 )
@@ -173,7 +174,7 @@ func New(st Store, opts Options) (*Card, error) {
 		// yubico-piv-tool sends SELECT (and other data-returning
 		// commands) without Le, as to a T=1 YubiKey, and fails on
 		// 61 xx; OpenSC and T=0 hosts take data with 90 00 as well.
-		AbsentLe256: true,
+		AbsentLe256: func(apdu.Command) bool { return true },
 	})
 	return c, nil
 }
