@@ -4,7 +4,9 @@ Usage: bench_sign.py MODULE PIN N OUTDIR
 One C_Login, then N x C_SignInit+C_Sign with CKM_SHA256_RSA_PKCS on 32 bytes
 with the private key of CKA_ID 00 01. Writes the last signature, its data and
 the card's certificate 0001 to OUTDIR (data.bin, sig.bin, cert.der) so the
-caller can verify it with openssl. Prints "RESULT sign <median> <p90> <mean>
+caller can verify it with openssl, and the N timings in order, one per line
+in ms, to OUTDIR/samples.txt (trace_ops.py pairs each with the card's own
+time for that signature). Prints "RESULT sign <median> <p90> <mean>
 <setup>" (ms).
 """
 import os
@@ -35,7 +37,8 @@ def main():
     setup = (time.perf_counter() - t0) * 1000
     mech = PyKCS11.Mechanism(PyKCS11.CKM_SHA256_RSA_PKCS, None)
     data = os.urandom(32)
-    session.sign(keys[0], data, mech)  # warm-up
+    for _ in range(5):  # warm-up: OpenSC caches, CPU state
+        session.sign(keys[0], data, mech)
     samples = []
     sig = None
     for _ in range(n):
@@ -51,6 +54,8 @@ def main():
         f.write(bytes(sig))
     with open(os.path.join(outdir, "cert.der"), "wb") as f:
         f.write(bytes(cert))
+    with open(os.path.join(outdir, "samples.txt"), "w") as f:
+        f.writelines("%.4f\n" % v for v in samples)
     st = summary(samples)
     print(line("RSA-2048 SHA256-RSA-PKCS signature (PKCS#11, in process)", st))
     print("setup (load, login, find): %.1f ms" % setup)
