@@ -152,10 +152,17 @@ func absTestdata(t *testing.T) func(string) string {
 	return func(f string) string { return filepath.Join(abs, f) }
 }
 
+// noDir checks that a failed import left neither the card directory nor
+// the staging directory token/store builds it in (".NAME.new-*" next to
+// it) behind.
 func noDir(t *testing.T, dir string) {
 	t.Helper()
 	if _, err := os.Lstat(dir); err == nil {
 		t.Fatalf("a failed import left %s behind", dir)
+	}
+	tmp, err := filepath.Glob(filepath.Join(filepath.Dir(dir), "."+filepath.Base(dir)+".new-*"))
+	if err != nil || len(tmp) > 0 {
+		t.Fatalf("a failed import left a half-written store behind: %v %v", tmp, err)
 	}
 }
 

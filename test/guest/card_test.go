@@ -177,14 +177,24 @@ func TestGuestCard(t *testing.T) {
 		if _, err := fmt.Sscanf(strings.TrimSpace(s.Output), "calls=%d ms=%d", &calls, &ms); err != nil || calls != 20 {
 			t.Fatalf("sign20: %q (%v)", s.Output, err)
 		}
-		t.Logf("GUEST-SIGN-20: %d ms (%s, %.0f ms per pkcs11-tool --sign)", ms, accel, float64(ms)/20)
-		fmt.Fprintf(os.Stderr, "GUEST-SIGN-20: %d ms\n", ms)
+		report("GUEST-SIGN-20: %d ms (%s, %.0f ms per pkcs11-tool --sign)", ms, accel, float64(ms)/20)
 	})
 	t.Run("remove-insert", func(t *testing.T) {
+		// Beyond opensc-tool --atr failing and succeeding (the guest's
+		// poll), pcscd itself must list QEMU's reader with its Card column
+		// No, then Yes: a dead pcscd would also fail --atr.
 		host(t, "remove", func() { ctlCmd(t, "remove") })
-		t.Logf("guest sees the card removed:\n%s", step(t, "removed").Output)
+		removed := step(t, "removed").Output
+		t.Logf("guest sees the card removed:\n%s", removed)
+		if !regexp.MustCompile(`(?m)^\d+\s+No\s.*433`).MatchString(removed) {
+			t.Errorf("after remove pcscd does not list QEMU's reader as empty")
+		}
 		host(t, "insert", func() { ctlCmd(t, "insert") })
-		t.Logf("guest sees the card inserted:\n%s", step(t, "inserted").Output)
+		inserted := step(t, "inserted").Output
+		t.Logf("guest sees the card inserted:\n%s", inserted)
+		if !regexp.MustCompile(`(?m)^\d+\s+Yes\s.*433`).MatchString(inserted) {
+			t.Errorf("after insert pcscd does not list a card in QEMU's reader")
+		}
 		if n := len(tokenRe.FindAllString(step(t, "list-inserted").Output, -1)); n != 1 {
 			t.Errorf("after insert pkcs11-tool -L shows %d tokens, want 1", n)
 		}

@@ -30,7 +30,9 @@ const (
 // issue to the guest, where OpenSC lists the three certificates, signs with
 // the database password as PIN (verified here with certutil's id-cert) and
 // CoolKey through NSS lists the three certificates. One boot serves both
-// databases, one after the other (testdata/nss.sh).
+// databases, one after the other, and then the second one again through
+// the issue's other command line, vscard connect --nss ... --certs ...,
+// for one more signature (testdata/nss.sh).
 func TestGuestNSS(t *testing.T) {
 	requireGuest(t)
 	script, err := os.ReadFile("testdata/nss.sh")
@@ -69,7 +71,7 @@ func TestGuestNSS(t *testing.T) {
 	t.Cleanup(func() {
 		if t.Failed() {
 			t.Logf("guest console (tail of %s):\n%s", cfg.ConsoleLog, vm.Tail(120))
-			t.Logf("vscclient log (tail of %s):\n%s", hostLog, fileTail(hostLog, 40))
+			t.Logf("host log, vscclient and vscard connect (tail of %s):\n%s", hostLog, fileTail(hostLog, 40))
 		}
 	})
 	g := &guestSession{t: t, vm: vm, ctx: ctx}
@@ -131,6 +133,28 @@ func TestGuestNSS(t *testing.T) {
 	step(t, "empty-gone")
 	host(t, "serve-password", func() { vc = serve(dbs["password"]) })
 	t.Run("password", func(t *testing.T) { round(t, "password") })
+	host(t, "stop-password", func() {
+		io.WriteString(vc.stdin, "exit\n")
+		if err := vc.wait(10 * time.Second); err != nil {
+			t.Errorf("vscclient after exit: %v", err)
+		}
+	})
+	step(t, "password-gone")
+	// The issue's other command line for the same database.
+	host(t, "serve-connect", func() {
+		startProc(t, hostLog, false, vscardBin, "connect", "--nss", "sql:"+dbs["password"],
+			"--certs", "id-cert,signing-cert,encryption-cert",
+			"--no-stdin", "--control", filepath.Join(dir, "connect.sock"), target)
+	})
+	t.Run("vscard-connect-nss", func(t *testing.T) {
+		step(t, "connect-present")
+		data := decodeB64(t, step(t, "connect-data"))
+		sig := decodeB64(t, step(t, "connect-sig"))
+		if err := verifyPKCS1SHA256(recipeCert(t, dbs["password"], "id-cert"), data, sig); err != nil {
+			t.Fatalf("the guest's signature does not verify with certutil -L -n id-cert: %v", err)
+		}
+		t.Logf("guest signature through vscard connect --nss verified with id-cert (%s)", since())
+	})
 
 	r, err := vm.Wait()
 	logMarks(t, r)

@@ -110,7 +110,7 @@ func pivSigned(t *testing.T, g *guestSession, name string, c pivCard, data []byt
 	// they are logged so that a card that needs them anyway shows.
 	t.Logf("%s: %s signature (%d bytes) from the guest verified with the card's 9A certificate; pkcs11-tool --sign took %d ms in the guest (%s, attempt %d)",
 		name, pivKeyName(cert), len(sig), ms, accel, attempts)
-	fmt.Fprintf(os.Stderr, "GUEST-PIV-SIGN %s %s: %d ms\n", t.Name(), pivKeyName(cert), ms)
+	report("GUEST-PIV-SIGN %s %s: %d ms", t.Name(), pivKeyName(cert), ms)
 }
 
 // pivKeyName names a certificate's key: "RSA-2048", "ECDSA-P-256".

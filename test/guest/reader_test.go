@@ -671,9 +671,9 @@ func TestGuestReaderBench(t *testing.T) {
 	t.Logf("usbredir + vscard reader: median APDU round trip %v (min %v, max %v, %d APDUs)", rm, redir[0], redir[len(redir)-1], len(redir))
 	t.Logf("usb-ccid + vscard connect: median APDU round trip %v (min %v, max %v, %d APDUs)", cm, ccid[0], ccid[len(ccid)-1], len(ccid))
 	t.Logf("ratio usbredir/usb-ccid %.2f (%s); per round: %s", ratio, accel, strings.Join(perRound, " "))
-	fmt.Fprintf(os.Stderr, "GUEST-APDU-RTT usbredir: median %v over %d APDUs\n", rm, len(redir))
-	fmt.Fprintf(os.Stderr, "GUEST-APDU-RTT usb-ccid: median %v over %d APDUs\n", cm, len(ccid))
-	fmt.Fprintf(os.Stderr, "GUEST-APDU-RTT usbredir/usb-ccid: %.2f\n", ratio)
+	report("GUEST-APDU-RTT usbredir: median %v over %d APDUs", rm, len(redir))
+	report("GUEST-APDU-RTT usb-ccid: median %v over %d APDUs", cm, len(ccid))
+	report("GUEST-APDU-RTT usbredir/usb-ccid: %.2f", ratio)
 	reportAPDUSplit(t, xhciTrace)
 	if ratio > maxRedirRatio {
 		t.Errorf("the usbredir path (median %v) is %.2f times as slow as usb-ccid (median %v), over the %.2f bound", rm, ratio, cm, maxRedirRatio)
@@ -704,7 +704,7 @@ func reportAPDUSplit(t *testing.T, file string) {
 		}
 		seen[s.Async] = true
 		t.Logf("%s: %v", name, s)
-		fmt.Fprintf(os.Stderr, "GUEST-APDU-SPLIT %s: bulk OUT %d µs, guest turn %d µs, bulk IN %d µs (medians over %d APDUs)\n",
+		report("GUEST-APDU-SPLIT %s: bulk OUT %d µs, guest turn %d µs, bulk IN %d µs (medians over %d APDUs)",
 			name, s.Out.Microseconds(), s.Turn.Microseconds(), s.In.Microseconds(), s.N)
 	}
 	if !seen[false] || !seen[true] {

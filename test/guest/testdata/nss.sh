@@ -1,6 +1,7 @@
 # Guest side of TestGuestNSS (issue 4 acceptance): the same checks for two
 # NSS databases that vscclient serves one after the other, first the one
-# with an empty password (any PIN), then the one with a password (the PIN).
+# with an empty password (any PIN), then the one with a password (the PIN);
+# then a signature with the second one served by vscard connect --nss.
 # Helpers from /vscard/lib.sh; steps are "@@BEGIN NAME" ... "@@END NAME
 # STATUS" for the host's subtests.
 . /vscard/lib.sh
@@ -12,6 +13,16 @@ state() { # NAME absent|present: wait until pcscd reports the card state
   opensc-tool --list-readers 2>&1
   echo "@@END $1 $s"
   [ $s = 0 ] || failed="$failed $1"
+}
+# sign R PIN: data (emitted) signed with the ID key, PIN = database
+# password; the host verifies it with certutil's id-cert.
+sign() {
+  r=$1 pin=$2
+  emit $r-data /tmp/$r.data
+  poll 30 p11 --login --pin "$pin" --sign --id 0001 -m SHA256-RSA-PKCS -i /tmp/$r.data -o /tmp/$r.sig
+  s=$?
+  echo "@@BEGIN $r-sig"; [ $s = 0 ] && base64 </tmp/$r.sig; echo "@@END $r-sig $s"
+  [ $s = 0 ] || failed="$failed $r-sig"
 }
 # round R PIN: one database served as a card.
 round() {
@@ -26,11 +37,7 @@ round() {
     # Only the database password unlocks the keys.
     step $r-wrong-pin sh -c "! pkcs11-tool --module $OPENSC --login --pin 99999999 --sign --id 0001 -m SHA256-RSA-PKCS -i /tmp/$r.data -o /tmp/$r.bad"
   fi
-  emit $r-data /tmp/$r.data
-  poll 30 p11 --login --pin "$pin" --sign --id 0001 -m SHA256-RSA-PKCS -i /tmp/$r.data -o /tmp/$r.sig
-  s=$?
-  echo "@@BEGIN $r-sig"; [ $s = 0 ] && base64 </tmp/$r.sig; echo "@@END $r-sig $s"
-  [ $s = 0 ] || failed="$failed $r-sig"
+  sign $r "$pin"
   # CoolKey through NSS: certutil -L -h all with the PIN from a file.
   printf '%s\n' "$pin" >/tmp/$r.pin
   mkdir -p /tmp/$r.nssdb
@@ -45,6 +52,13 @@ host_wait stop-empty
 state empty-gone absent
 host_wait serve-password
 round password "$(cat /vscard/db-password)"
+# The same database through vscard connect --nss ... --certs ...
+host_wait stop-password
+state password-gone absent
+host_wait serve-connect
+state connect-present present
+head -c 100 /dev/urandom >/tmp/connect.data
+sign connect "$(cat /vscard/db-password)"
 mark steps-done
 if [ -n "$failed" ]; then
   echo "failed steps:$failed; guest pcscd log tail:"
