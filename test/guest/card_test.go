@@ -115,7 +115,7 @@ func TestGuestCard(t *testing.T) {
 		t.Logf("guest readers before any card client (%s):\n%s", since(), s.Output)
 		// libccid names QEMU's 08E6:4433 after its Info.plist entry
 		// (guest-vm.md §5.2); the Card column must say No.
-		if !regexp.MustCompile(`(?m)^\d+\s+No\s.*433`).MatchString(s.Output) {
+		if !qemuReaderEmpty.MatchString(s.Output) {
 			t.Errorf("QEMU's usb-ccid reader is not listed as empty")
 		}
 	})
@@ -186,13 +186,13 @@ func TestGuestCard(t *testing.T) {
 		host(t, "remove", func() { ctlCmd(t, "remove") })
 		removed := step(t, "removed").Output
 		t.Logf("guest sees the card removed:\n%s", removed)
-		if !regexp.MustCompile(`(?m)^\d+\s+No\s.*433`).MatchString(removed) {
+		if !qemuReaderEmpty.MatchString(removed) {
 			t.Errorf("after remove pcscd does not list QEMU's reader as empty")
 		}
 		host(t, "insert", func() { ctlCmd(t, "insert") })
 		inserted := step(t, "inserted").Output
 		t.Logf("guest sees the card inserted:\n%s", inserted)
-		if !regexp.MustCompile(`(?m)^\d+\s+Yes\s.*433`).MatchString(inserted) {
+		if !qemuReaderFull.MatchString(inserted) {
 			t.Errorf("after insert pcscd does not list a card in QEMU's reader")
 		}
 		if n := len(tokenRe.FindAllString(step(t, "list-inserted").Output, -1)); n != 1 {
@@ -268,6 +268,14 @@ func TestGuestCard(t *testing.T) {
 }
 
 var tokenRe = regexp.MustCompile(`(?m)^\s*token label\s*:\s*\S`)
+
+// qemuReaderEmpty and qemuReaderFull match QEMU's usb-ccid reader (libccid
+// names 08E6:4433 after its Info.plist entry, guest-vm.md §5.2) in
+// opensc-tool --list-readers with its Card column No or Yes.
+var (
+	qemuReaderEmpty = regexp.MustCompile(`(?m)^\d+\s+No\s.*433`)
+	qemuReaderFull  = regexp.MustCompile(`(?m)^\d+\s+Yes\s.*433`)
+)
 
 func decodeB64(t *testing.T, s Section) []byte {
 	t.Helper()

@@ -121,11 +121,15 @@ func TestGuestNSS(t *testing.T) {
 	var vc *proc
 	host(t, "serve-empty", func() { vc = serve(dbs["empty"]) })
 	t.Run("empty-password", func(t *testing.T) { round(t, "empty") })
-	host(t, "stop-empty", func() {
+	// stop ends vscclient with its own exit command.
+	stop := func() {
 		io.WriteString(vc.stdin, "exit\n")
 		if err := vc.wait(10 * time.Second); err != nil {
 			t.Errorf("vscclient after exit: %v", err)
 		}
+	}
+	host(t, "stop-empty", func() {
+		stop()
 		if b, _ := os.ReadFile(hostLog); !strings.Contains(string(b), "effectively unprotected") {
 			t.Errorf("vscclient did not warn that the empty-password database's keys are unprotected")
 		}
@@ -133,12 +137,7 @@ func TestGuestNSS(t *testing.T) {
 	step(t, "empty-gone")
 	host(t, "serve-password", func() { vc = serve(dbs["password"]) })
 	t.Run("password", func(t *testing.T) { round(t, "password") })
-	host(t, "stop-password", func() {
-		io.WriteString(vc.stdin, "exit\n")
-		if err := vc.wait(10 * time.Second); err != nil {
-			t.Errorf("vscclient after exit: %v", err)
-		}
-	})
+	host(t, "stop-password", stop)
 	step(t, "password-gone")
 	// The other command line for the same database.
 	host(t, "serve-connect", func() {
